@@ -1,0 +1,1 @@
+"""mlflow-replay: provision read-only MLflow viewers of published experiment stores."""

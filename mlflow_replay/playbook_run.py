@@ -1,0 +1,92 @@
+"""One ansible-playbook run through ansible-runner, with no secret left on disk."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ansible_runner
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports: Ansible's per-host counters and stats data."""
+
+    status: str
+    rc: int
+    stats: dict = field(default_factory=dict)
+    custom_stats: dict = field(default_factory=dict)
+
+
+class PlaybookRun:
+    """Run one playbook of this project against an inventory.
+
+    Contract:
+    - The child ansible-playbook inherits this process's environment, so
+      credentials exported as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY reach
+      the roles' env lookups and never appear on a command line.
+    - ansible-runner writes the whole environment into its artifacts
+      (`artifacts/<id>/command`) and reuses `env/extravars` left by earlier
+      runs. Each run therefore gets a fresh private data directory at mode
+      0700, removed when the run ends, whatever the outcome.
+    - `on_event` receives every Ansible event as ansible-runner delivers it.
+    """
+
+    def __init__(self, playbook: str, inventory: Path, vars_file: Path | None = None,
+                 limit: str | None = None, check: bool = False, diff: bool = False, verbosity: int = 0):
+        self.playbook = PROJECT_ROOT / "playbooks" / playbook
+        self.inventory = inventory
+        self.vars_file = vars_file
+        self.limit = limit
+        self.check = check
+        self.diff = diff
+        self.verbosity = verbosity
+
+    def command_line(self) -> str:
+        """Return the ansible-playbook options other than playbook and inventory."""
+        options = []
+        if self.vars_file is not None:
+            options += ["--extra-vars", f"@{self.vars_file}"]
+        if self.limit:
+            options += ["--limit", self.limit]
+        if self.check:
+            options.append("--check")
+        if self.diff:
+            options.append("--diff")
+        return shlex.join(options)
+
+    def run(self, on_event: Callable[[dict], None]) -> RunResult:
+        private_dir = Path(tempfile.mkdtemp(prefix="mlflow-replay-run-"))
+        os.chmod(private_dir, 0o700)
+        try:
+            runner = ansible_runner.run(
+                private_data_dir=str(private_dir),
+                project_dir=str(PROJECT_ROOT),
+                playbook=str(self.playbook),
+                inventory=str(self.inventory),
+                cmdline=self.command_line(),
+                envvars={"ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+                verbosity=self.verbosity or None,
+                quiet=True,
+                event_handler=lambda event: on_event(event) or True,
+                rotate_artifacts=1,
+            )
+            stats_event = next(
+                (e for e in reversed(list(runner.events)) if e.get("event") == "playbook_on_stats"), {}
+            )
+            data = stats_event.get("event_data", {})
+            return RunResult(
+                status=runner.status,
+                rc=runner.rc,
+                stats=runner.stats or {},
+                custom_stats=data.get("artifact_data", {}) or {},
+            )
+        finally:
+            shutil.rmtree(private_dir, ignore_errors=True)
