@@ -8,6 +8,7 @@ runner reads the vars the same way.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -22,9 +23,18 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 SWIFT_PATH = re.compile(r"^/swift/v1/(AUTH_[^/]+)/(.+)$")
 
+# Chameleon sites and the S3 endpoint of their object store. KVM@TACC has no
+# object store of its own and uses CHI@TACC's.
+SITE_ENDPOINTS = {
+    "CHI@TACC": "https://chi.tacc.chameleoncloud.org:7480",
+    "KVM@TACC": "https://chi.tacc.chameleoncloud.org:7480",
+    "CHI@UC": "https://chi.uc.chameleoncloud.org:7480",
+}
+
 # The top-level keys of the single-replay form of the vars file.
 REPLAY_KEYS = (
     "name",
+    "site",
     "metrics_container",
     "artifacts_container",
     "endpoint",
@@ -143,8 +153,23 @@ def parse_endpoint(value: object) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _resolve_endpoint(settings: dict, metrics: ContainerRef, artifacts: ContainerRef) -> str:
+def _site_endpoint(settings: dict) -> str | None:
+    site = settings.get("site")
+    if site is None:
+        return None
+    if site not in SITE_ENDPOINTS:
+        raise ConfigError("site", site, "is not a Chameleon site with an object store",
+                          f"Use one of: {', '.join(SITE_ENDPOINTS)}.")
+    endpoint = SITE_ENDPOINTS[site]
     given = settings.get("endpoint")
+    if given is not None and parse_endpoint(given) != endpoint:
+        raise ConfigError("endpoint", given, f"disagrees with site {site}, whose endpoint is {endpoint}",
+                          "Remove one of 'site' and 'endpoint'.")
+    return endpoint
+
+
+def _resolve_endpoint(settings: dict, metrics: ContainerRef, artifacts: ContainerRef) -> str:
+    given = settings.get("endpoint", _site_endpoint(settings))
     derived = {ref.endpoint for ref in (metrics, artifacts) if ref.endpoint}
     if given is not None:
         endpoint = parse_endpoint(given)
@@ -254,6 +279,16 @@ def replay_paths(name: str, layout: dict) -> dict:
             for kind in ("metrics", "artifacts")
         ],
     }
+
+
+def check_known_keys(settings: dict) -> None:
+    """Raise ConfigError for a key that is not a setting, suggesting the closest one."""
+    for key in settings:
+        if key in REPLAY_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), REPLAY_KEYS, n=1)
+        fix = f"Did you mean '{close[0]}'?" if close else f"Known keys: {', '.join(REPLAY_KEYS)}."
+        raise ConfigError(str(key), settings[key], "is not a known setting", fix)
 
 
 def normalise_replays(settings: dict, layout: dict) -> list[dict]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from mlflow_replay.config import ConfigError, normalise_replays
+from mlflow_replay.config import ConfigError, check_known_keys, normalise_replays
 
-# The role defaults of replay_config; validation needs only their shape.
+# The role defaults of mlflow_replay; validation needs only their shape.
 DEFAULT_LAYOUT = {
     "config_root": "/etc/mlflow-replay",
     "state_root": "/var/lib/mlflow-replay",
@@ -25,6 +25,8 @@ def load_vars(path: Path) -> dict:
     except OSError as error:
         raise ConfigError("vars file", str(path), f"cannot be read ({error.strerror})",
                           "Pass an existing file with --vars.") from None
+    except UnicodeDecodeError:
+        raise ConfigError("vars file", str(path), "is not UTF-8 text", "Save it as UTF-8.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -41,5 +43,11 @@ def load_vars(path: Path) -> dict:
 
 
 def validate_vars_file(path: Path) -> list[dict]:
-    """Return the replays that the vars file describes, or raise ConfigError."""
-    return normalise_replays(load_vars(path), DEFAULT_LAYOUT)
+    """Return the replays that the vars file describes, or raise ConfigError.
+
+    Unlike the Ansible filter, which picks the known keys out of all host
+    variables, this sees the file alone, so it also rejects unknown keys.
+    """
+    settings = load_vars(path)
+    check_known_keys(settings)
+    return normalise_replays(settings, DEFAULT_LAYOUT)

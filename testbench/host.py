@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -118,7 +119,7 @@ def reap(pid: int) -> None:
 
 
 def wait_process_exit(pid: int, start_time: int | None, timeout: float) -> bool:
-    """Wait until the process exits; return False if it still runs after `timeout` s."""
+    """Wait until the process exits. Return False if it still runs after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         reap(pid)
@@ -145,7 +146,7 @@ def signal_process(pid: int, start_time: int | None, sig: int) -> None:
 
 def _unescape_mount_path(field: str) -> str:
     """Decode the octal escapes (\\040 for space and so on) of /proc/self/mountinfo."""
-    return field.encode().decode("unicode_escape")
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def mounts_under(path: Path) -> list[Path]:
@@ -163,8 +164,9 @@ def mounts_under(path: Path) -> list[Path]:
 def unmount_tree(path: Path) -> None:
     """Unmount everything mounted at or below `path`.
 
-    Falls back to a lazy unmount for a busy mount so that a crashed run never
-    blocks cleanup. Raises BenchError if a mount point is still listed after that.
+    Falls back to a lazy unmount for a busy mount, so a mount left busy by a
+    crashed run does not block cleanup. Raises BenchError if a mount point is
+    still listed after that.
     """
     for mount_point in mounts_under(path):
         log.info("unmounting %s", mount_point)
@@ -178,8 +180,8 @@ def unmount_tree(path: Path) -> None:
 def remove_tree(path: Path) -> None:
     """Unmount everything below `path`, then delete it.
 
-    `rm --one-file-system` refuses to descend into a mount point, so a
-    bind mount that survived the unmount is never emptied.
+    `rm --one-file-system` skips directories on other file systems and then
+    fails, so a bind mount that survived the unmount is not emptied.
     """
     if not path.exists():
         return

@@ -1,8 +1,8 @@
 """The bench network: a Linux bridge with NAT, and network namespaces on it.
 
 Nodes and namespace hosts get addresses in the bridge's subnet and reach each
-other over the bridge; the host reaches them through its address on the
-bridge. MASQUERADE lets them reach the package registries through the host.
+other over the bridge. The host reaches them through its own address on the
+bridge, and MASQUERADE lets them reach the package registries through the host.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 @dataclass(frozen=True)
 class BridgeNetwork:
-    """A bridge and its IPv4 subnet; the host owns the subnet's first address."""
+    """A bridge and its IPv4 subnet. The host owns the subnet's first address."""
 
     bridge: str
     subnet: ipaddress.IPv4Network
 
     @classmethod
     def parse(cls, bridge: str = DEFAULT_BRIDGE, subnet: str = DEFAULT_SUBNET) -> BridgeNetwork:
-        """Validate the bridge name and subnet; raise BenchError if either is invalid."""
+        """Validate the bridge name and subnet. Raise BenchError if either is invalid."""
         if not 0 < len(bridge) <= IFNAME_MAX or "/" in bridge or " " in bridge:
             raise BenchError(f"invalid bridge name {bridge!r}: use 1 to {IFNAME_MAX} characters")
         try:
@@ -55,20 +55,17 @@ class BridgeNetwork:
         return self.subnet.prefixlen
 
     def check_address(self, address: str) -> str:
-        """Return `address` if it is a free host address of the subnet, else raise BenchError."""
+        """Return `address` if nodes may use it in the subnet, else raise BenchError."""
         try:
             parsed = ipaddress.IPv4Address(address)
         except ValueError as error:
             raise BenchError(f"invalid IPv4 address {address!r}") from error
-        if parsed not in self.subnet or parsed in (
-            self.subnet.network_address,
-            self.subnet.broadcast_address,
-            self.subnet.network_address + 1,
-        ):
-            raise BenchError(
-                f"address {address} is not a usable host address of {self.subnet} "
-                f"(the first address belongs to the host)"
-            )
+        if parsed not in self.subnet:
+            raise BenchError(f"address {address} is outside the bench subnet {self.subnet}")
+        if parsed in (self.subnet.network_address, self.subnet.broadcast_address):
+            raise BenchError(f"address {address} is the network or broadcast address of {self.subnet}")
+        if str(parsed) == self.gateway:
+            raise BenchError(f"address {address} is the host's address on the bridge; pick another one")
         return str(parsed)
 
 
@@ -108,7 +105,7 @@ def create_bridge_network(network: BridgeNetwork) -> None:
 
 
 def destroy_bridge_network(network: BridgeNetwork) -> None:
-    """Remove the NAT rule and the bridge; do nothing for parts already gone."""
+    """Remove the NAT rule and the bridge, skipping parts already gone."""
     rule = _nat_rule(network)
     while run(["iptables", "-t", "nat", "-C", *rule], check=False).returncode == 0:
         log.info("removing NAT rule for %s", network.subnet)
@@ -125,7 +122,7 @@ def destroy_bridge_network(network: BridgeNetwork) -> None:
 class NetnsHost:
     """A network namespace attached to the bench bridge by a veth pair.
 
-    `veth` is the host-side end on the bridge; the namespace side is `eth0`.
+    `veth` is the host-side end on the bridge, and the namespace side is `eth0`.
     """
 
     name: str
@@ -177,7 +174,7 @@ def create_netns_host(name: str, bridge: str, address_cidr: str, gateway: str) -
 
 
 def remove_netns_host(name: str) -> None:
-    """Delete the namespace and its veth pair; do nothing for parts already gone.
+    """Delete the namespace and its veth pair, skipping parts already gone.
 
     Processes still running inside keep the namespace alive, unnamed, until they
     exit, so their owner must stop them first. They are logged, not killed.

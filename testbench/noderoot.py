@@ -15,7 +15,7 @@ from testbench.host import BenchError, run
 
 
 def mount_overlay(rootfs: Path, node_dir: Path) -> Path:
-    """Mount an overlay of `rootfs` with its upper layer in `node_dir`; return the merged dir."""
+    """Mount an overlay of `rootfs` with its upper layer in `node_dir`. Return the merged dir."""
     upper = node_dir / "upper"
     work = node_dir / "work"
     merged = node_dir / "merged"

@@ -39,13 +39,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/mlflow-replay-bench")
 
-# systemd-nspawn exits with this status when the container asks for a reboot.
+# systemd-nspawn exits with this status when the container reboots.
 REBOOT_EXIT_STATUS = 133
 
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
-# Environment of commands run inside nodes; the host's own variables (such as
-# AWS_CA_BUNDLE, which points at a host-only file) must not leak in.
+# Environment of commands run inside nodes. It replaces the host's, so host
+# settings such as AWS_CA_BUNDLE do not change how node commands behave.
 NODE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
@@ -75,7 +75,7 @@ SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/
 class Node:
     """A booted node: its name, bench address and the processes behind it.
 
-    `loop_pid` is the restart loop; its child is systemd-nspawn, whose child is
+    `loop_pid` is the restart loop. Its child is systemd-nspawn, whose child is
     the node's PID 1. Both of those change on every reboot.
     """
 
@@ -101,7 +101,7 @@ class Node:
 
     @property
     def pid1(self) -> int:
-        """The host PID of the node's systemd; raises BenchError while it is not running."""
+        """The host PID of the node's systemd. Raises BenchError while the node is not running."""
         pid = self._find_pid1()
         if pid is None:
             raise BenchError(f"node {self.name} is not running (no systemd process found)")
@@ -174,13 +174,13 @@ class Node:
             try:
                 result = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=remaining)
             except BenchError:
-                continue  # PID 1 changed or the command timed out; the deadline check decides.
+                continue  # PID 1 changed or the command timed out, so let the deadline check decide.
             state = result.stdout.strip() or result.stderr.strip()
             if state not in ("running", "degraded"):
                 time.sleep(0.5)
         if state == "degraded":
             failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False).stdout
-            log.warning("node %s is degraded; failed units: %s", self.name, failed.strip())
+            log.warning("node %s is degraded, failed units: %s", self.name, failed.strip())
 
         while not self._ssh_banner_received():
             self._check_deadline(deadline, "sshd not answering on port 22")
@@ -223,7 +223,7 @@ class Bench:
     """A set of nodes on one bridge, with their SSH key, caches and cleanup.
 
     Use one Bench per state directory at a time. The SSH key pair, rootfs
-    cache and pip cache persist across runs; `shutdown()` removes everything
+    cache and pip cache persist across runs. `shutdown()` removes everything
     else, also what a crashed earlier run left behind.
     """
 
@@ -271,7 +271,7 @@ class Bench:
     # --- setup ---------------------------------------------------------------
 
     def ensure_ssh_key(self) -> Path:
-        """Create the bench's ed25519 key pair once; return the private key path."""
+        """Create the bench's ed25519 key pair unless it exists. Return the private key path."""
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.private_key_path.exists():
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "mlflow-replay-bench",
@@ -292,7 +292,7 @@ class Bench:
         live = [record["name"] for record in self._node_records() if _loop_alive(record)]
         if live:
             raise BenchError(
-                f"nodes {', '.join(live)} from an earlier run are still running under "
+                f"nodes {', '.join(live)} of another Bench or an earlier run are still running under "
                 f"{self._nodes_dir}; stop them first with Bench.shutdown() or "
                 f"`python -m testbench --state-dir {self.state_dir} --bridge {self.network.bridge} nodes-down`"
             )
@@ -305,7 +305,7 @@ class Bench:
         self._network_ready = True
 
     def create_netns_host(self, name: str, address: str) -> NetnsHost:
-        """Create a network namespace at `address` on the bench bridge; see network.create_netns_host.
+        """Create a network namespace at `address` on the bench bridge (see network.create_netns_host).
 
         `shutdown()` removes it again.
         """
@@ -332,8 +332,8 @@ class Bench:
         Addresses are plain IPv4 addresses in the bench subnet. `docker=True`
         gives each node a /var/lib/docker on the host file system and the
         system calls and capabilities Docker needs. Raises BenchError if a
-        name or address is invalid or taken, or a node fails to come up; the
-        nodes started so far keep running until `shutdown()`.
+        name or address is invalid or taken, or if a node fails to come up.
+        Nodes started before such an error keep running until `shutdown()`.
         """
         pairs = list(names_and_addresses.items() if isinstance(names_and_addresses, Mapping)
                      else names_and_addresses)
@@ -388,6 +388,8 @@ class Bench:
             f"--bind={self.pip_cache_dir}:/root/.cache/pip",
         ]
         if docker:
+            # Docker's overlay2 driver cannot put its layers on the node's
+            # overlayfs, so /var/lib/docker is a host directory.
             docker_dir = node_dir / "docker"
             docker_dir.mkdir()
             nspawn_args += [
@@ -399,8 +401,9 @@ class Bench:
         env = {
             "PATH": NODE_ENV["PATH"],
             "LANG": "C.UTF-8",
-            # The container's systemd gets the unified cgroup hierarchy, which
-            # systemd 256 and later (trixie) require.
+            # Give the container cgroup v2 even on a hybrid host, because systemd
+            # 256 and later (trixie has 257) refuse to boot on cgroup v1 by
+            # default, as the systemd 256 NEWS states.
             "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
         }
         log.info("starting node %s at %s", name, address)
@@ -427,7 +430,7 @@ class Bench:
                 "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", f"{user}@{node.address}"]
 
     def write_inventory(self, path: Path, nodes: Iterable[Node] | None = None, group: str = "replay_nodes") -> Path:
-        """Write an INI Ansible inventory with `nodes` (default: all) in `group`; return its path."""
+        """Write an INI Ansible inventory with `nodes` (default: all) in `group`. Return its path."""
         path = Path(path)
         nodes = list(self.nodes.values() if nodes is None else nodes)
         lines = [f"[{group}]"]
@@ -450,24 +453,31 @@ class Bench:
         """Stop all nodes of this state directory and remove the network.
 
         Works from the records on disk, so it also cleans up after a crashed
-        run, and does nothing for parts already gone. Nodes get `systemctl
-        poweroff` first. Whatever still runs after `timeout` s is killed by PID,
-        and only processes in a node's own cgroup are touched.
+        run, and skips parts already gone. Nodes get `systemctl poweroff`
+        first. Whatever still runs after `timeout` s, or at once for a node
+        without a running systemd, is killed by PID, and only processes in a
+        node's own cgroup are touched. A node that cannot be cleaned up is
+        logged and skipped, and BenchError lists all of them at the end.
         """
+        errors = []
         records = self._node_records()
         powering_off = {record["name"]: _request_poweroff(record) for record in records}
         deadline = time.monotonic() + timeout
         for record in records:
-            _stop_node_processes(record, powering_off[record["name"]], deadline)
-            _remove_node_veth(record)
-            host.remove_cgroup(record["cgroup"])
-            host.remove_tree(self._nodes_dir / record["name"])
+            try:
+                _stop_node_processes(record, powering_off[record["name"]], deadline)
+                _remove_node_veth(record)
+                host.remove_cgroup(record["cgroup"])
+                host.remove_tree(self._nodes_dir / record["name"])
+            except BenchError as error:
+                log.error("cleanup of node %s failed: %s", record["name"], error)
+                errors.append(error)
         # Directories of a start that crashed before its record was written.
-        if self._nodes_dir.exists():
+        if self._nodes_dir.exists() and not errors:
             for node_dir in self._nodes_dir.iterdir():
                 host.remove_tree(node_dir)
         for loop in self._loops:
-            loop.poll()  # The loop was reaped above; this only updates the Popen object.
+            loop.poll()  # The loop was reaped above, so this only updates the Popen object.
         self._loops.clear()
         self.nodes.clear()
 
@@ -483,6 +493,9 @@ class Bench:
             destroy_bridge_network(network)
         self._network_record.unlink(missing_ok=True)
         self._network_ready = False
+        if errors:
+            raise BenchError(f"shutdown left parts of {len(errors)} node(s) behind: "
+                             + "; ".join(str(error) for error in errors))
 
     def _node_records(self) -> list[dict]:
         if not self._nodes_dir.exists():
@@ -513,9 +526,10 @@ def _cgroup_pids(cgroup: str) -> set[int]:
         top = hierarchy / cgroup
         if not top.exists():
             continue
-        for procs in top.rglob("cgroup.procs"):
+        # os.walk skips sub-cgroups that vanish during the walk, unlike Path.rglob.
+        for directory, _, _ in os.walk(top):
             try:
-                pids.update(int(line) for line in procs.read_text().split())
+                pids.update(int(line) for line in Path(directory, "cgroup.procs").read_text().split())
             except FileNotFoundError:
                 pass
     return pids
@@ -545,7 +559,7 @@ def _find_pid1(record: dict) -> int | None:
 
 
 def _request_poweroff(record: dict) -> bool:
-    """Run `systemctl poweroff` in the node; return False if it has no systemd to ask."""
+    """Run `systemctl poweroff` in the node. Return False if no systemd ran the request."""
     pid1 = _find_pid1(record)
     if pid1 is None:
         return False

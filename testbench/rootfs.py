@@ -1,7 +1,9 @@
 """Build and cache the Debian root filesystem that every node overlays.
 
 The base looks like a Chameleon image as far as the playbooks care: a user
-`cc` with passwordless sudo, sshd enabled, and Python 3 for Ansible.
+`cc` with passwordless sudo, sshd enabled, and Python 3 for Ansible. It has an
+empty /etc/machine-id and no SSH host keys, because the bench gives every node
+its own before boot.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ BASE_PACKAGES = (
     "systemd-sysv",
 )
 
-# CA certificates of the host's HTTPS proxy; nodes need them to reach PyPI.
+# CA certificates of the host's HTTPS proxy, which nodes need to reach PyPI.
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 # Bump when the customization below changes, so cached trees are rebuilt.
@@ -58,12 +60,14 @@ def build_rootfs(
 ) -> Path:
     """Return a finished root filesystem for `suite` with the base and extra packages.
 
-    A tree is reused when `cache_dir` holds one for the same suite, package
+    A tree is reused when `cache_dir` contains one for the same suite, package
     set, mirror, host CA certificates and layout version. Otherwise it is built
     with mmdebstrap in a temporary directory, which is renamed into place only
     after its stamp file is written, so an interrupted build is never reused.
     Concurrent calls for the same tree wait on a lock file.
     """
+    if isinstance(extra_packages, str):
+        raise BenchError(f"extra_packages must be a list of package names, not the string {extra_packages!r}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     packages = sorted(set(BASE_PACKAGES) | set(extra_packages))
@@ -82,7 +86,7 @@ def build_rootfs(
         started = time.monotonic()
         build_dir = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache_dir))
         try:
-            _debootstrap(build_dir, suite, packages, mirror)
+            _run_mmdebstrap(build_dir, suite, packages, mirror)
             _customize(build_dir / "rootfs")
             stamp = {"suite": suite, "packages": packages, "mirror": mirror}
             (build_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
@@ -103,7 +107,7 @@ def _cache_key(suite: str, packages: list[str], mirror: str) -> str:
     return f"{suite}-{digest.hexdigest()[:16]}"
 
 
-def _debootstrap(build_dir: Path, suite: str, packages: list[str], mirror: str) -> None:
+def _run_mmdebstrap(build_dir: Path, suite: str, packages: list[str], mirror: str) -> None:
     log.info("running mmdebstrap for %s into %s", suite, build_dir)
     log_path = build_dir / "mmdebstrap.log"
     cmd = [
@@ -127,12 +131,13 @@ def _debootstrap(build_dir: Path, suite: str, packages: list[str], mirror: str) 
 
 
 def _customize(rootfs: Path) -> None:
-    """Turn the fresh tree into a node template; see the module docstring."""
-    # An empty machine-id makes each node get its own; the bench writes one per node.
+    """Turn the fresh mmdebstrap tree into the template that every node overlays."""
+    # An empty machine-id marks an image without identity. The bench writes one per node.
     (rootfs / "etc/machine-id").write_text("")
     dbus_machine_id = rootfs / "var/lib/dbus/machine-id"
     if dbus_machine_id.exists() or dbus_machine_id.is_symlink():
         dbus_machine_id.unlink()
+    dbus_machine_id.parent.mkdir(parents=True, exist_ok=True)
     dbus_machine_id.symlink_to("/etc/machine-id")
 
     # Host keys are generated per node, so no two nodes share an identity.

@@ -3,7 +3,7 @@
 They need root, systemd-nspawn and mmdebstrap, and network access to the
 Debian archive for the first rootfs build (about 30 s per suite, cached in
 /var/lib/mlflow-replay-bench/rootfs afterwards). The tests share one bench
-and run in file order; the last one tears it down.
+and run in file order, and the crash test near the end tears it down.
 """
 
 from __future__ import annotations
@@ -271,3 +271,22 @@ def test_leftover_bridge_is_replaced():
         bench.shutdown()
     assert not link_exists(BRIDGE)
     assert not netns_exists(NETNS_NAME)
+
+
+def test_cli_nodes_up_and_down(tmp_path):
+    inventory = tmp_path / "hosts.ini"
+    common = [sys.executable, "-m", "testbench", "--state-dir", str(STATE_DIR), "--bridge", BRIDGE,
+              "--subnet", SUBNET, "--rootfs-cache-dir", str(DEFAULT_STATE_DIR / "rootfs")]
+    repo_root = Path(__file__).resolve().parent.parent
+
+    up = subprocess.run([*common, "nodes-up", "--count", "1", "--inventory", str(inventory)],
+                        capture_output=True, text=True, timeout=300, cwd=repo_root)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "node1\t10.213.8.11" in up.stdout
+        assert "node1 ansible_host=10.213.8.11" in inventory.read_text()
+    finally:
+        down = subprocess.run([*common, "nodes-down"], capture_output=True, text=True, timeout=300, cwd=repo_root)
+    assert down.returncode == 0, down.stderr
+    assert host.mounts_under(STATE_DIR) == []
+    assert not link_exists(BRIDGE)
