@@ -560,16 +560,22 @@ def _find_pid1(record: dict) -> int | None:
 
 def _request_poweroff(record: dict) -> bool:
     """Run `systemctl poweroff` in the node. Return False if no systemd ran the request."""
-    pid1 = _find_pid1(record)
-    if pid1 is None:
-        return False
-    log.info("powering off node %s", record["name"])
-    result = run(["nsenter", "-t", str(pid1), "-a", "systemctl", "poweroff"],
-                 check=False, timeout=20, env=NODE_ENV)
-    if result.returncode != 0:
-        log.warning("poweroff of node %s failed, it will be killed: %s", record["name"], result.stderr.strip())
-        return False
-    return True
+    # One run right after boot once got "Failed to connect to bus: Connection
+    # refused" from systemctl, so a failed request is retried twice.
+    for attempt in range(3):
+        pid1 = _find_pid1(record)
+        if pid1 is None:
+            return False
+        if attempt == 0:
+            log.info("powering off node %s", record["name"])
+        result = run(["nsenter", "-t", str(pid1), "-a", "systemctl", "poweroff"],
+                     check=False, timeout=20, env=NODE_ENV)
+        if result.returncode == 0:
+            return True
+        log.warning("poweroff of node %s failed (attempt %d of 3): %s",
+                    record["name"], attempt + 1, result.stderr.strip())
+        time.sleep(1)
+    return False
 
 
 def _stop_node_processes(record: dict, powering_off: bool, deadline: float) -> None:
@@ -590,7 +596,7 @@ def _stop_node_processes(record: dict, powering_off: bool, deadline: float) -> N
 
     if _wait_until_empty(remaining_pids, deadline if powering_off else 0):
         return
-    log.warning("node %s did not power off; killing its processes", record["name"])
+    log.warning("node %s did not power off, killing its processes", record["name"])
     if loop_pid is not None:
         host.signal_process(loop_pid, record["loop_start"], signal.SIGKILL)
     for pid in remaining_pids():

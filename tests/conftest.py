@@ -21,9 +21,14 @@ from testbench.s3 import S3Server, start_s3_server
 from testbench.store import StoreManifest, publish_sample_store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = Path(os.environ.get("MLFLOW_REPLAY_BENCH_DIR", "/var/lib/mlflow-replay-bench"))
-S3_NETNS = "mlrb-s3"
-S3_ADDRESS = "10.213.0.2"
+# MLFLOW_REPLAY_BENCH_INDEX (0-9) selects a bench of its own: bridge, subnet,
+# state directory and namespace names, so that two test runs can share a host.
+BENCH_INDEX = int(os.environ.get("MLFLOW_REPLAY_BENCH_INDEX", "0"))
+BENCH_DIR = Path(f"/var/lib/mlflow-replay-bench{BENCH_INDEX or ''}")
+BENCH_BRIDGE = f"mlrbr{BENCH_INDEX}"
+BENCH_PREFIX = f"10.213.{BENCH_INDEX}"
+S3_NETNS = f"mlrb{BENCH_INDEX}-s3"
+S3_ADDRESS = f"{BENCH_PREFIX}.2"
 S3_PORT = 9000
 METRICS_BUCKET = "published-mlruns"
 ARTIFACTS_BUCKET = "published-artifacts"
@@ -37,7 +42,7 @@ RECAP_LINE = re.compile(
 @pytest.fixture(scope="session")
 def bench():
     """The session's node bench; shuts down every node and the network at the end."""
-    instance = Bench(state_dir=BENCH_DIR)
+    instance = Bench(state_dir=BENCH_DIR, bridge=BENCH_BRIDGE, subnet=f"{BENCH_PREFIX}.0/24")
     instance.shutdown()  # Clear what a crashed earlier session left behind.
     try:
         yield instance
@@ -109,6 +114,11 @@ class Replay:
         output = completed.stdout + completed.stderr
         print(output)
         return RunnerResult(completed.returncode, output)
+
+
+def node_address(host_number: int) -> str:
+    """Return the bench address of node number `host_number` (11 and up)."""
+    return f"{BENCH_PREFIX}.{host_number}"
 
 
 def make_replay(tmp_path: Path, bench: Bench, nodes: list[Node], s3: S3Server, **overrides) -> Replay:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 
 from testbench.compare import viewer_differences
-from tests.conftest import make_replay
+from tests.conftest import make_replay, node_address
 
 pytestmark = pytest.mark.bench
 
-NODE = ("node1", "10.213.0.11")
+NODE = ("node1", node_address(11))
 VIEWER_URL = f"http://{NODE[1]}:8000"
 
 # Everything apply creates on a node, by kind; teardown must remove each.

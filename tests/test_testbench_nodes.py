@@ -33,14 +33,14 @@ pytestmark = [
     ),
 ]
 
-# A bridge and subnet of their own, so these tests never touch a bench that
-# runs with the defaults (mlrbr0, 10.213.0.0/24).
+# A bridge and subnet of their own, so these tests never touch the benches of
+# tests/conftest.py (mlrbrN with 10.213.N.0/24, N from 0 to 9).
 BRIDGE = "mlrselftest"
-SUBNET = "10.213.8.0/24"
+SUBNET = "10.213.200.0/24"
 STATE_DIR = DEFAULT_STATE_DIR / "selftest"
-NODES = {"alpha": "10.213.8.11", "beta": "10.213.8.12"}
+NODES = {"alpha": "10.213.200.11", "beta": "10.213.200.12"}
 NETNS_NAME = "mlrselftest-web"
-NETNS_ADDRESS = "10.213.8.2"
+NETNS_ADDRESS = "10.213.200.2"
 
 
 def make_bench() -> Bench:
@@ -211,7 +211,7 @@ def test_reboot_gives_new_pid1(nodes):
 
 
 def test_docker_option_binds_var_lib_docker(bench, nodes):
-    [node] = bench.boot({"gamma": "10.213.8.13"}, docker=True)
+    [node] = bench.boot({"gamma": "10.213.200.13"}, docker=True)
 
     source = node.run(["findmnt", "--noheadings", "--output", "SOURCE", "/var/lib/docker"]).stdout
     assert "nodes/gamma/docker" in source
@@ -221,7 +221,7 @@ def test_docker_option_binds_var_lib_docker(bench, nodes):
 
 
 def test_trixie_node_boots(bench, nodes):
-    [node] = bench.boot({"delta": "10.213.8.14"}, suite="trixie")
+    [node] = bench.boot({"delta": "10.213.200.14"}, suite="trixie")
 
     assert "VERSION_CODENAME=trixie" in node.run("cat /etc/os-release").stdout
     assert node.run(["systemctl", "is-system-running"], check=False).stdout.strip() == "running"
@@ -264,7 +264,7 @@ def test_leftover_bridge_is_replaced():
     bench = make_bench()
     try:
         netns = bench.create_netns_host(NETNS_NAME, NETNS_ADDRESS)
-        reply = subprocess.run(netns.command(["ip", "-4", "route", "get", "10.213.8.1"]),
+        reply = subprocess.run(netns.command(["ip", "-4", "route", "get", "10.213.200.1"]),
                                capture_output=True, text=True, check=True).stdout
         assert "dev eth0" in reply
     finally:
@@ -283,8 +283,8 @@ def test_cli_nodes_up_and_down(tmp_path):
                         capture_output=True, text=True, timeout=300, cwd=repo_root)
     try:
         assert up.returncode == 0, up.stderr
-        assert "node1\t10.213.8.11" in up.stdout
-        assert "node1 ansible_host=10.213.8.11" in inventory.read_text()
+        assert "node1\t10.213.200.11" in up.stdout
+        assert "node1 ansible_host=10.213.200.11" in inventory.read_text()
     finally:
         down = subprocess.run([*common, "nodes-down"], capture_output=True, text=True, timeout=300, cwd=repo_root)
     assert down.returncode == 0, down.stderr
