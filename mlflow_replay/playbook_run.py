@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,17 @@ from typing import Callable
 import ansible_runner
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def search_path() -> str:
+    """Return PATH with this Python's bin directory first.
+
+    ansible-runner finds ansible-playbook on PATH only, which misses a
+    virtualenv that was not activated (`.venv/bin/python runner.py ...`).
+    Its `binary` option is no way out: it switches to running a raw command
+    without the playbook.
+    """
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
 
 
 @dataclass
@@ -40,10 +52,15 @@ class PlaybookRun:
     """
 
     def __init__(self, playbook: str, inventory: Path, vars_file: Path | None = None,
-                 limit: str | None = None, check: bool = False, diff: bool = False, verbosity: int = 0):
+                 limit: str | None = None, check: bool = False, diff: bool = False, verbosity: int = 0,
+                 secrets_file: Path | None = None, vault_password_file: Path | None = None):
         self.playbook = PROJECT_ROOT / "playbooks" / playbook
         self.inventory = inventory
         self.vars_file = vars_file
+        # Extra vars file with credentials, usually ansible-vault encrypted.
+        # Only its path reaches the command line.
+        self.secrets_file = secrets_file
+        self.vault_password_file = vault_password_file
         self.limit = limit
         self.check = check
         self.diff = diff
@@ -54,6 +71,10 @@ class PlaybookRun:
         options = []
         if self.vars_file is not None:
             options += ["--extra-vars", f"@{self.vars_file}"]
+        if self.secrets_file is not None:
+            options += ["--extra-vars", f"@{self.secrets_file}"]
+        if self.vault_password_file is not None:
+            options += ["--vault-password-file", str(self.vault_password_file)]
         if self.limit:
             options += ["--limit", self.limit]
         if self.check:
@@ -72,7 +93,11 @@ class PlaybookRun:
                 playbook=str(self.playbook),
                 inventory=str(self.inventory),
                 cmdline=self.command_line(),
-                envvars={"ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+                envvars={
+                    "ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"),
+                    "ANSIBLE_NOCOLOR": "1",
+                    "PATH": search_path(),
+                },
                 verbosity=self.verbosity or None,
                 quiet=True,
                 event_handler=lambda event: on_event(event) or True,

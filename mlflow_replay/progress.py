@@ -28,8 +28,13 @@ class Progress:
     no event for HEARTBEAT_SECONDS (package installs, the snapshot import).
     """
 
-    def __init__(self, stream=sys.stdout):
+    def __init__(self, stream=sys.stdout, log=None):
+        # stream None prints nothing (--json); `log` (a RunLog) receives
+        # Ansible's full display output whatever the stream.
         self.stream = stream
+        self.log = log
+        # (host, task uuid) of loop tasks with at least one changed item.
+        self._changed_items: set[tuple[str, str]] = set()
         self.task = None
         self.task_started = time.monotonic()
         self.last_output = time.monotonic()
@@ -51,7 +56,8 @@ class Progress:
 
     def _print(self, line: str) -> None:
         with self._lock:
-            print(line, file=self.stream, flush=True)
+            if self.stream is not None:
+                print(line, file=self.stream, flush=True)
             self.last_output = time.monotonic()
 
     def _heartbeat(self) -> None:
@@ -65,22 +71,28 @@ class Progress:
         """Print what `event` (an ansible-runner event) tells the user."""
         kind = event.get("event", "")
         data = event.get("event_data", {})
+        if self.log is not None and event.get("stdout"):
+            self.log.write(event["stdout"])
+        if kind == "runner_item_on_ok" and _reports_changed(event):
+            self._changed_items.add((data.get("host", "?"), data.get("task_uuid", "")))
         if kind == "playbook_on_task_start":
             self.task = data.get("task", "")
             self.task_started = time.monotonic()
             self._print(f"TASK {self.task}")
         elif kind in ("runner_on_ok", "runner_on_failed", "runner_on_unreachable", "runner_on_skipped"):
-            self._host_result(kind, data)
+            self._host_result(kind, event)
         elif kind in ("verbose", "error") and event.get("stdout", "").strip():
             self.messages.append(event["stdout"].rstrip())
 
-    def _host_result(self, kind: str, data: dict) -> None:
+    def _host_result(self, kind: str, event: dict) -> None:
+        data = event.get("event_data", {})
         host = data.get("host", "?")
         result = data.get("res", {}) or {}
         if kind == "runner_on_skipped":
             return
         if kind == "runner_on_ok":
-            state = "changed" if result.get("changed") else "ok"
+            changed = _reports_changed(event) or (host, data.get("task_uuid", "")) in self._changed_items
+            state = "changed" if changed else "ok"
         elif kind == "runner_on_unreachable":
             state = "UNREACHABLE"
         elif data.get("ignore_errors"):
@@ -92,17 +104,37 @@ class Progress:
             self.failures.append({"host": host, "task": data.get("task", self.task), "message": failure_message(result)})
 
 
+def _reports_changed(event: dict) -> bool:
+    """Return whether a host or item result event reports a change.
+
+    ansible-runner replaces the result of a `no_log: true` task by
+    {"censored": ...} and so drops its "changed" key. Ansible's own display
+    line ("changed: [host] ...") still contains the state, and no secret.
+    """
+    result = (event.get("event_data", {}) or {}).get("res", {}) or {}
+    if result.get("changed"):
+        return True
+    return (event.get("stdout") or "").lstrip().startswith("changed:")
+
+
 def failure_message(result: dict) -> str:
-    """Return the one message that explains a failed module result."""
+    """Return the one message that explains a failed module result.
+
+    For a loop task, the first failed item's message, with its label: the
+    task's own message only states that an item failed. A `no_log: true`
+    result has no message: the output is hidden, so say that.
+    """
     if result.get("censored"):
-        return result["censored"]
+        return "output hidden because the task sets no_log: true (rerun the playbook without no_log to debug)"
+    for item in result.get("results", []) or []:
+        if isinstance(item, dict) and item.get("failed"):
+            label = item.get("_ansible_item_label", item.get("item"))
+            message = failure_message(item)
+            return f"item {label}: {message}" if label is not None and not item.get("censored") else message
     for key in ("msg", "stderr", "reason"):
         value = result.get(key)
         if value:
             return str(value).strip()
-    for item in result.get("results", []) or []:
-        if item.get("failed"):
-            return failure_message(item)
     return "the task failed without a message (rerun with -v)"
 
 

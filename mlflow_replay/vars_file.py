@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -51,3 +56,52 @@ def validate_vars_file(path: Path) -> list[dict]:
     settings = load_vars(path)
     check_known_keys(settings)
     return normalise_replays(settings, DEFAULT_LAYOUT)
+
+
+# Group of the nodes that apply and teardown act on (`hosts:` of both playbooks).
+NODE_GROUP = "replay_nodes"
+PLUGIN_FAILURE = re.compile(r"Failed to parse inventory with '(?P<plugin>[^']+)' plugin: (?P<reason>.+)")
+
+
+def _group_hosts(groups: dict, name: str, seen: set[str]) -> set[str]:
+    """Return the hosts of group `name` and of its child groups in `ansible-inventory --list` output."""
+    if name in seen:
+        return set()
+    seen.add(name)
+    group = groups.get(name) or {}
+    hosts = set(group.get("hosts", []))
+    for child in group.get("children", []):
+        hosts |= _group_hosts(groups, child, seen)
+    return hosts
+
+
+def check_inventory(path: Path) -> list[str]:
+    """Return the hosts of the replay_nodes group in the inventory `path`, or raise ConfigError.
+
+    The inventory is read by `ansible-inventory`, so every format that
+    ansible-playbook accepts (YAML, INI) is read the same way here.
+    """
+    binary = Path(sys.executable).parent / "ansible-inventory"
+    command = [str(binary) if binary.exists() else "ansible-inventory", "--inventory", str(path), "--list"]
+    environment = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(Path(__file__).resolve().parent.parent / "ansible.cfg"),
+        "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1",
+        "ANSIBLE_NOCOLOR": "1",
+    }
+    try:
+        listed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ConfigError("--inventory", str(path), f"could not be read with ansible-inventory ({error})",
+                          "Check that Ansible is installed (pip install -r requirements.txt).") from None
+    if listed.returncode != 0:
+        reasons = {match["plugin"]: match["reason"].strip() for match in PLUGIN_FAILURE.finditer(listed.stderr)}
+        plugin = "yaml" if path.suffix in (".yml", ".yaml") else "ini"
+        reason = reasons.get(plugin) or next(iter(reasons.values()), "") or listed.stderr.strip()[-300:]
+        raise ConfigError("--inventory", str(path), f"is not a valid YAML or INI inventory ({reason})",
+                          "Fix the syntax; see inventory/local.yml for an example.")
+    hosts = _group_hosts(json.loads(listed.stdout), NODE_GROUP, set())
+    if not hosts:
+        raise ConfigError("--inventory", str(path), f"has no host in the group {NODE_GROUP}",
+                          f"List the nodes under the group {NODE_GROUP}, as in inventory/local.yml.")
+    return sorted(hosts)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # systemd-container and mmdebstrap boot the throwaway test nodes, iptables
 # gives them NAT to the package archives, rclone publishes the sample store,
 # iproute2 builds the bench network.
-packages=(systemd-container mmdebstrap iptables rclone fuse3 iproute2 openssh-client)
+packages=(systemd-container mmdebstrap iptables rclone fuse3 iproute2 openssh-client chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
