@@ -229,13 +229,17 @@ def normalise_replay(settings: dict, layout: dict) -> dict:
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 16:
         raise ConfigError("workers", workers, "must be an integer from 1 to 16", "The default is 2.")
 
+    port = _parse_port(settings.get("port", DEFAULT_PORT))
     paths = replay_paths(name, layout)
     for mount in paths["mounts"]:
         mount["remote_path"] = (metrics if mount["kind"] == "metrics" else artifacts).remote_path
     return {
         "name": name,
         "runtime": runtime,
-        "port": _parse_port(settings.get("port", DEFAULT_PORT)),
+        "port": port,
+        # MLflow listens on loopback on server_port; the read-only guard
+        # (role replay_guard) listens on the public port and forwards reads.
+        "server_port": port + 10000 if port <= 55535 else port - 10000,
         "endpoint": endpoint,
         "anonymous": anonymous,
         "workers": workers,
@@ -281,18 +285,73 @@ def replay_paths(name: str, layout: dict) -> dict:
     }
 
 
-def check_known_keys(settings: dict) -> None:
+# Keys that, in the list form, may stand at the top level as defaults for
+# every replay of the list. The others differ per replay by nature.
+SHARED_KEYS = ("site", "endpoint", "runtime", "anonymous", "workers")
+
+
+def check_known_keys(settings: dict, known: tuple = REPLAY_KEYS + ("replays",), where: str = "") -> None:
     """Raise ConfigError for a key that is not a setting, suggesting the closest one."""
     for key in settings:
-        if key in REPLAY_KEYS:
+        if key in known:
             continue
-        close = difflib.get_close_matches(str(key), REPLAY_KEYS, n=1)
-        fix = f"Did you mean '{close[0]}'?" if close else f"Known keys: {', '.join(REPLAY_KEYS)}."
-        raise ConfigError(str(key), settings[key], "is not a known setting", fix)
+        close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+        fix = f"Did you mean '{close[0]}'?" if close else f"Known keys: {', '.join(known)}."
+        raise ConfigError(f"{where}{key}", settings[key], "is not a known setting", fix)
+
+
+def _list_items(settings: dict) -> list[dict]:
+    """Return the replays of the list form, each merged over the shared keys."""
+    items = settings["replays"]
+    if not isinstance(items, list) or not items:
+        raise ConfigError("replays", items, "must be a non-empty list of replays",
+                          "Write one '- name: ...' entry per replay, or use the single-replay keys instead.")
+    for key in ("name", "metrics_container", "artifacts_container", "port"):
+        if key in settings:
+            raise ConfigError(key, settings[key], "cannot stand beside 'replays'",
+                              f"Move '{key}' into each entry of 'replays'.")
+    shared = {key: settings[key] for key in SHARED_KEYS if key in settings}
+    merged = []
+    for index, item in enumerate(items):
+        where = f"replays[{index}]."
+        if not isinstance(item, dict):
+            raise ConfigError(f"replays[{index}]", item, "must be a mapping of settings",
+                              "Write it as '- name: ...' followed by its keys.")
+        if "name" not in item:
+            raise ConfigError(f"{where}name", None, "is missing", "Every replay in the list needs its own name.")
+        check_known_keys(item, known=REPLAY_KEYS, where=where)
+        merged.append({**shared, **item})
+    return merged
+
+
+def _check_unique(replays: list[dict], key: str, fix: str) -> None:
+    seen = {}
+    for index, replay in enumerate(replays):
+        value = replay[key]
+        if value in seen:
+            raise ConfigError(f"replays[{index}].{key}", value,
+                              f"is already used by replay '{replays[seen[value]]['name']}'", fix)
+        seen[value] = index
 
 
 def normalise_replays(settings: dict, layout: dict) -> list[dict]:
-    """Validate the vars (the single-replay keys at the top level) into replays."""
+    """Validate the vars into replays: the single-replay keys, or a `replays` list.
+
+    In the list form, `site`, `endpoint`, `runtime`, `anonymous` and `workers`
+    may also stand at the top level as defaults for every entry. Names and
+    ports must differ between the replays of one node.
+    """
     if not isinstance(settings, dict):
         raise ConfigError("vars", settings, "must be a mapping of settings", "See vars/replay.yml for the keys.")
-    return [normalise_replay(settings, layout)]
+    if "replays" not in settings:
+        return [normalise_replay(settings, layout)]
+
+    replays = []
+    for index, item in enumerate(_list_items(settings)):
+        try:
+            replays.append(normalise_replay(item, layout))
+        except ConfigError as error:
+            raise ConfigError(f"replays[{index}].{error.field}", error.value, error.problem, error.fix) from None
+    _check_unique(replays, "name", "Give every replay its own name.")
+    _check_unique(replays, "port", "Give every replay on a node its own port.")
+    return replays

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,17 @@ from typing import Callable
 import ansible_runner
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def search_path() -> str:
+    """Return PATH with this Python's bin directory first.
+
+    ansible-runner finds ansible-playbook on PATH only, which misses a
+    virtualenv that was not activated (`.venv/bin/python runner.py ...`).
+    Its `binary` option is no way out: it switches to running a raw command
+    without the playbook.
+    """
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
 
 
 @dataclass
@@ -72,7 +84,11 @@ class PlaybookRun:
                 playbook=str(self.playbook),
                 inventory=str(self.inventory),
                 cmdline=self.command_line(),
-                envvars={"ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"},
+                envvars={
+                    "ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"),
+                    "ANSIBLE_NOCOLOR": "1",
+                    "PATH": search_path(),
+                },
                 verbosity=self.verbosity or None,
                 quiet=True,
                 event_handler=lambda event: on_event(event) or True,

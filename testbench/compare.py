@@ -14,10 +14,9 @@ Artifacts are compared by content instead of by URI.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import tempfile
-import urllib.parse
+from collections.abc import Collection
 from pathlib import Path
 
 # `import mlflow` starts MLflow's telemetry client unless this is set first,
@@ -31,17 +30,6 @@ from mlflow.entities import ViewType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from testbench.store import RunRecord, StoreManifest  # noqa: E402
-
-# Tag keys that the viewer may show although the source server did not, so a
-# viewer tag with one of these keys and no counterpart in the manifest is no
-# difference. A key that is in the manifest is always compared.
-#
-# `mlflow.runName`: MLflow returns the run name as this tag. The SQL store
-# stores it as a tag row, the file store as a tag file, so both sides have it.
-# It stays in the compared set and is listed here only so that an importer
-# that stores run names in the runs table alone is not reported twice
-# (the run name itself is compared through RunInfo.run_name).
-IGNORED_EXTRA_TAG_KEYS = frozenset({"mlflow.runName"})
 
 REQUEST_TIMEOUT_SECONDS = 60
 
@@ -58,23 +46,21 @@ def _point_key(point: tuple[int, float, int]) -> tuple[int, str, int]:
 
 
 def _dict_differences(
-    what: str, expected: dict[str, str], actual: dict[str, str], ignored_extra: frozenset[str]
+    label: str, expected: dict[str, str], actual: dict[str, str], ignored_extra: frozenset[str]
 ) -> list[str]:
     differences = []
     for key in sorted(expected):
         if key not in actual:
-            differences.append(f"{what}: {key!r} is missing (expected {expected[key]!r})")
+            differences.append(f"{label}: {key!r} is missing (expected {expected[key]!r})")
         elif actual[key] != expected[key]:
-            differences.append(
-                f"{what}: {key!r} is {actual[key]!r}, expected {expected[key]!r}"
-            )
+            differences.append(f"{label}: {key!r} is {actual[key]!r}, expected {expected[key]!r}")
     for key in sorted(set(actual) - set(expected) - ignored_extra):
-        differences.append(f"{what}: unexpected {key!r} = {actual[key]!r}")
+        differences.append(f"{label}: unexpected {key!r} = {actual[key]!r}")
     return differences
 
 
 def _metric_history_differences(
-    what: str, expected: list[tuple[int, float, int]], actual: list[tuple[int, float, int]]
+    label: str, expected: list[tuple[int, float, int]], actual: list[tuple[int, float, int]]
 ) -> list[str]:
     expected_keys = sorted(_point_key(point) for point in expected)
     actual_keys = sorted(_point_key(point) for point in actual)
@@ -91,16 +77,18 @@ def _metric_history_differences(
     differences = []
     for step, value, timestamp in missing:
         differences.append(
-            f"{what}: point {_format_point((step, float(value), timestamp))} is missing"
+            f"{label}: point {_format_point((step, float(value), timestamp))} is missing"
         )
     for step, value, timestamp in remaining:
         differences.append(
-            f"{what}: unexpected point {_format_point((step, float(value), timestamp))}"
+            f"{label}: unexpected point {_format_point((step, float(value), timestamp))}"
         )
     return differences
 
 
-def _experiment_differences(client: MlflowClient, manifest: StoreManifest) -> list[str]:
+def _experiment_differences(
+    client: MlflowClient, manifest: StoreManifest, ignored_extra_tag_keys: frozenset[str]
+) -> list[str]:
     actual = {
         experiment.experiment_id: experiment
         for experiment in client.search_experiments(view_type=ViewType.ALL)
@@ -113,20 +101,20 @@ def _experiment_differences(client: MlflowClient, manifest: StoreManifest) -> li
             f"unexpected experiment {experiment_id} ({actual[experiment_id].name!r})"
         )
     for experiment_id, record in sorted(expected.items()):
-        what = f"experiment {experiment_id} ({record.name!r})"
+        label = f"experiment {experiment_id} ({record.name!r})"
         if experiment_id not in actual:
-            differences.append(f"{what} is missing")
+            differences.append(f"{label} is missing")
             continue
         experiment = actual[experiment_id]
         if experiment.name != record.name:
-            differences.append(f"{what}: name is {experiment.name!r}")
+            differences.append(f"{label}: name is {experiment.name!r}")
         if experiment.lifecycle_stage != record.lifecycle_stage:
             differences.append(
-                f"{what}: lifecycle_stage is {experiment.lifecycle_stage!r}, "
+                f"{label}: lifecycle_stage is {experiment.lifecycle_stage!r}, "
                 f"expected {record.lifecycle_stage!r}"
             )
         differences += _dict_differences(
-            f"{what} tag", record.tags, dict(experiment.tags), IGNORED_EXTRA_TAG_KEYS
+            f"{label} tag", record.tags, dict(experiment.tags), ignored_extra_tag_keys
         )
     return differences
 
@@ -144,7 +132,7 @@ def _search_all_runs(client: MlflowClient, experiment_ids: list[str]) -> list:
             return runs
 
 
-def _run_info_differences(what: str, record: RunRecord, info) -> list[str]:
+def _run_info_differences(label: str, record: RunRecord, info) -> list[str]:
     differences = []
     for attribute, expected in (
         ("experiment_id", record.experiment_id),
@@ -156,19 +144,23 @@ def _run_info_differences(what: str, record: RunRecord, info) -> list[str]:
     ):
         actual = getattr(info, attribute)
         if actual != expected:
-            differences.append(f"{what}: {attribute} is {actual!r}, expected {expected!r}")
+            differences.append(f"{label}: {attribute} is {actual!r}, expected {expected!r}")
     return differences
 
 
-def _rest_run_differences(session: requests.Session, tracking_uri: str, what: str, record: RunRecord) -> list[str]:
-    """Fetch the run with GET runs/get, as the run page does, and check its identity fields."""
+def _rest_run_differences(
+    session: requests.Session, tracking_uri: str, label: str, record: RunRecord
+) -> list[str]:
+    """Fetch the run with GET runs/get, as the run page does, and compare three of its fields."""
     response = session.get(
         f"{tracking_uri}/api/2.0/mlflow/runs/get",
         params={"run_id": record.run_id},
         timeout=REQUEST_TIMEOUT_SECONDS,
     )
     if response.status_code != 200:
-        return [f"{what}: GET runs/get returned HTTP {response.status_code}: {response.text[:300]}"]
+        return [
+            f"{label}: GET runs/get returned HTTP {response.status_code}: {response.text[:300]}"
+        ]
     info = response.json()["run"]["info"]
     differences = []
     for field_name, expected in (
@@ -178,7 +170,8 @@ def _rest_run_differences(session: requests.Session, tracking_uri: str, what: st
     ):
         if info.get(field_name) != expected:
             differences.append(
-                f"{what}: runs/get returned {field_name} {info.get(field_name)!r}, expected {expected!r}"
+                f"{label}: runs/get returned {field_name} {info.get(field_name)!r}, "
+                f"expected {expected!r}"
             )
     return differences
 
@@ -205,21 +198,21 @@ def _artifact_differences(
     client: MlflowClient,
     session: requests.Session,
     tracking_uri: str,
-    what: str,
+    label: str,
     record: RunRecord,
     download_dir: Path,
 ) -> list[str]:
-    """Compare the viewer's artifact listing, downloads and /get-artifact bodies with the manifest."""
+    """Compare the viewer's artifact listing, downloads and /get-artifact bodies with record."""
     differences = []
     try:
         listed = set(_list_artifact_files(client, record.run_id))
     except MlflowException as error:
-        return [f"{what}: listing artifacts failed: {error}"]
+        return [f"{label}: listing artifacts failed: {error}"]
     for path in sorted(listed - set(record.artifacts)):
-        differences.append(f"{what}: unexpected artifact {path!r}")
+        differences.append(f"{label}: unexpected artifact {path!r}")
 
     for path, expected in sorted(record.artifacts.items()):
-        artifact = f"{what}: artifact {path!r}"
+        artifact = f"{label}: artifact {path!r}"
         if path not in listed:
             differences.append(f"{artifact} is not listed")
 
@@ -236,7 +229,8 @@ def _artifact_differences(
             actual_sha256 = _sha256_of_file(Path(local_path))
             if actual_sha256 != expected.sha256:
                 differences.append(
-                    f"{artifact}: client download has SHA-256 {actual_sha256}, expected {expected.sha256}"
+                    f"{artifact}: client download has SHA-256 {actual_sha256}, "
+                    f"expected {expected.sha256}"
                 )
 
         response = session.get(
@@ -245,7 +239,9 @@ def _artifact_differences(
             timeout=REQUEST_TIMEOUT_SECONDS,
         )
         if response.status_code != 200:
-            differences.append(f"{artifact}: GET /get-artifact returned HTTP {response.status_code}")
+            differences.append(
+                f"{artifact}: GET /get-artifact returned HTTP {response.status_code}"
+            )
         else:
             actual_sha256 = hashlib.sha256(response.content).hexdigest()
             if actual_sha256 != expected.sha256:
@@ -263,49 +259,68 @@ def _run_differences(
     record: RunRecord,
     run,
     download_dir: Path,
+    ignored_extra_tag_keys: frozenset[str],
 ) -> list[str]:
-    what = f"run {record.run_id} ({record.name!r})"
-    differences = _run_info_differences(what, record, run.info)
-    differences += _rest_run_differences(session, tracking_uri, what, record)
-    differences += _dict_differences(f"{what} param", record.params, dict(run.data.params), frozenset())
+    label = f"run {record.run_id} ({record.name!r})"
+    differences = _run_info_differences(label, record, run.info)
+    differences += _rest_run_differences(session, tracking_uri, label, record)
     differences += _dict_differences(
-        f"{what} tag", record.tags, dict(run.data.tags), IGNORED_EXTRA_TAG_KEYS
+        f"{label} param", record.params, dict(run.data.params), frozenset()
+    )
+    differences += _dict_differences(
+        f"{label} tag", record.tags, dict(run.data.tags), ignored_extra_tag_keys
     )
 
     for key in sorted(set(run.data.metrics) - set(record.metrics)):
-        differences.append(f"{what}: unexpected metric {key!r}")
+        differences.append(f"{label}: unexpected metric {key!r}")
     for key, expected_history in sorted(record.metrics.items()):
         history = [
             (point.step, point.value, point.timestamp)
             for point in client.get_metric_history(record.run_id, key)
         ]
         if not history:
-            differences.append(f"{what}: metric {key!r} is missing")
+            differences.append(f"{label}: metric {key!r} is missing")
             continue
-        differences += _metric_history_differences(f"{what} metric {key!r}", expected_history, history)
+        differences += _metric_history_differences(
+            f"{label} metric {key!r}", expected_history, history
+        )
 
-    differences += _artifact_differences(client, session, tracking_uri, what, record, download_dir)
+    differences += _artifact_differences(client, session, tracking_uri, label, record, download_dir)
     return differences
 
 
-def viewer_differences(tracking_uri: str, manifest: StoreManifest) -> list[str]:
+def viewer_differences(
+    tracking_uri: str, manifest: StoreManifest, ignored_extra_tag_keys: Collection[str] = ()
+) -> list[str]:
     """Return every difference between the viewer at tracking_uri and the manifest.
 
     An empty list means the viewer serves exactly the manifest's experiments
     and runs, including deleted runs, with the same status, lifecycle stage,
     start and end time, params, tags, full metric histories and artifact
     bytes. Connection failures raise instead of being reported as differences.
+
+    Every tag in the manifest is compared, system tags such as
+    `mlflow.runName` and `mlflow.parentRunId` included. A tag that only the
+    viewer shows is a difference unless its key is in ignored_extra_tag_keys,
+    the place for tags that the product's importer adds on purpose. The
+    default ignores none, because `mlflow migrate-filestore` (MLflow 3.17.2)
+    adds no experiment or run tags.
     """
+    ignored = frozenset(ignored_extra_tag_keys)
     tracking_uri = tracking_uri.rstrip("/")
     client = MlflowClient(tracking_uri=tracking_uri)
     session = requests.Session()
     # Proxy settings from the environment must not route requests to the viewer.
     session.trust_env = False
 
-    differences = _experiment_differences(client, manifest)
+    differences = _experiment_differences(client, manifest, ignored)
 
-    experiment_ids = [experiment.experiment_id for experiment in client.search_experiments(view_type=ViewType.ALL)]
-    actual_runs = {run.info.run_id: run for run in _search_all_runs(client, experiment_ids)} if experiment_ids else {}
+    experiment_ids = [
+        experiment.experiment_id for experiment in client.search_experiments(view_type=ViewType.ALL)
+    ]
+    actual_runs = {}
+    if experiment_ids:
+        actual_runs = {run.info.run_id: run for run in _search_all_runs(client, experiment_ids)}
     expected_runs = {record.run_id: record for record in manifest.runs}
     for run_id in sorted(set(actual_runs) - set(expected_runs)):
         differences.append(f"unexpected run {run_id} ({actual_runs[run_id].info.run_name!r})")
@@ -316,6 +331,12 @@ def viewer_differences(tracking_uri: str, manifest: StoreManifest) -> list[str]:
                 differences.append(f"run {run_id} ({record.name!r}) is missing")
                 continue
             differences += _run_differences(
-                client, session, tracking_uri, record, actual_runs[run_id], Path(download_dir)
+                client,
+                session,
+                tracking_uri,
+                record,
+                actual_runs[run_id],
+                Path(download_dir),
+                ignored,
             )
     return differences

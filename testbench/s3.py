@@ -202,11 +202,14 @@ def start_s3_server(
     netns: str | None = None,
     log_path: Path | None = None,
     timeout: float = STARTUP_TIMEOUT_SECONDS,
+    extra_env: dict[str, str] | None = None,
 ) -> S3Server:
     """Start `python -m moto.server` on address:port and wait until it responds over HTTP.
 
     With netns, the server runs under `ip netns exec <netns>`, and the namespace
     must already exist. The log goes to log_path, or to a new temporary file.
+    extra_env adds variables to moto's environment: INITIAL_NO_AUTH_ACTION_COUNT=0
+    makes moto authenticate every request, so it rejects keys unknown to its IAM.
     Raises RuntimeError with the log tail when the server exits or does not
     respond within timeout seconds, after stopping it.
     """
@@ -221,6 +224,7 @@ def start_s3_server(
         command = ["ip", "netns", "exec", netns, *command]
 
     env = without_proxy_variables(dict(os.environ))
+    env.update(extra_env or {})
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             command,
@@ -250,7 +254,10 @@ def start_s3_server(
                 f"on {server.endpoint}. Log tail of {log_path}:\n{read_log_tail(log_path)}"
             )
         if _server_responds(probe_url, netns):
-            return server
+            if process.poll() is None:
+                return server
+            # Another server on the same address and port responded, and ours exited.
+            continue
         if time.monotonic() > deadline:
             server.stop()
             raise RuntimeError(
@@ -280,6 +287,10 @@ def rclone_environment(server: S3Server) -> dict[str, str]:
             "RCLONE_S3_ENV_AUTH": "false",
             "RCLONE_S3_FORCE_PATH_STYLE": "true",
             "RCLONE_S3_NO_CHECK_BUCKET": "true",
+            # Skips the HEAD request after each upload, but the PUT response's ETag
+            # is still checked. On a 2-core machine this cut a 4502-object upload
+            # to moto from 43 s to 21 s.
+            "RCLONE_S3_NO_HEAD": "true",
             # An empty value makes rclone run without reading any config file.
             "RCLONE_CONFIG": "",
         }
@@ -298,6 +309,7 @@ def rclone_copy(server: S3Server, source: str | Path, destination: str | Path) -
 
     rclone copies files only, so empty directories of a local source do not
     reach the bucket. Raises RuntimeError with rclone's output when it fails.
+    rclone's own retries (3 attempts by default) apply.
     """
     command = ["rclone", "copy", "--verbose", str(source), str(destination)]
     result = subprocess.run(

@@ -38,6 +38,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 # `import mlflow` starts MLflow's telemetry client unless this is set first,
 # and the bench must send no traffic off this machine.
@@ -45,7 +46,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
+from mlflow.entities import Metric, Param, ViewType  # noqa: E402
 
 from testbench.s3 import (  # noqa: E402
     S3Server,
@@ -226,7 +227,8 @@ def mlflow_server_environment(s3: S3Server) -> dict[str, str]:
             # MLflow 3.13 and later reject file stores unless this is set.
             "MLFLOW_ALLOW_FILE_STORE": "true",
             "MLFLOW_DISABLE_TELEMETRY": "true",
-            # Without it the server also starts a job runner process.
+            # With a database store, such as the SQLite viewer, the server would
+            # otherwise also start a job runner process.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
     )
@@ -386,12 +388,13 @@ def _decaying_curve(start: float, rate: float, steps: int) -> list[float]:
 
 
 def _log_sample_runs(client: MlflowClient, artifact_sources: Path) -> None:
-    """Log the sample store: Default plus three experiments and eleven runs.
+    """Log the sample store: Default plus three experiments, with ten runs in all.
 
-    Cases covered: FAILED, KILLED and still RUNNING runs, a deleted run, a
-    parent with two child runs, a NaN metric value, two values at one step,
-    floats that need all 17 significant digits, unicode and spaces in names,
-    multi-line tag values, and artifacts in nested folders.
+    The runs include FAILED, KILLED and still RUNNING runs, a deleted run and
+    a parent with two child runs. Metric histories include a NaN value, two
+    values at one step and floats that need 17 significant digits. Names
+    contain unicode and spaces, one tag value has several lines, and artifacts
+    sit in nested folders.
     """
     runs = _SampleLogger(client, artifact_sources)
 
@@ -432,7 +435,9 @@ def _log_sample_runs(client: MlflowClient, artifact_sources: Path) -> None:
                 {"lr": 0.1, "batch_size": 64, "optimizer": "sgd"}, sort_keys=True
             ).encode(),
             "weights/model.bin": _deterministic_bytes("baseline weights", 4096),
-            "plots/sub/curve.csv": _csv_bytes(["step", "loss"], enumerate(_decaying_curve(2.3, 0.25, 10))),
+            "plots/sub/curve.csv": _csv_bytes(
+                ["step", "loss"], enumerate(_decaying_curve(2.3, 0.25, 10))
+            ),
         },
     )
     runs.finish(baseline)
@@ -465,7 +470,9 @@ def _log_sample_runs(client: MlflowClient, artifact_sources: Path) -> None:
             sweep, f"trial-{index}", tags={"model": "resnet18", "mlflow.parentRunId": parent}
         )
         runs.log_params(child, {"lr": lr})
-        runs.log_curves(child, {"val_acc": [round(0.5 + 0.07 * s + 0.01 * index, 6) for s in range(5)]})
+        runs.log_curves(
+            child, {"val_acc": [round(0.5 + 0.07 * s + 0.01 * index, 6) for s in range(5)]}
+        )
         runs.finish(child, status=status)
     runs.log_curves(parent, {"best_val_acc": [0.78]})
     runs.finish(parent)
@@ -487,7 +494,7 @@ def _log_sample_runs(client: MlflowClient, artifact_sources: Path) -> None:
             "tokens_per_second": [12345678.9, 12345679.1, 12345680.3, 12345677.7, 12345678.0],
         },
     )
-    # A second value at step 4 one millisecond after the first: the history keeps both.
+    # A second value at step 4, one millisecond after the first. The history keeps both.
     client.log_metric(finetune, "loss", -0.25, timestamp=runs.run_time(5001), step=4)
     runs.log_artifacts(
         finetune,
@@ -524,7 +531,12 @@ def _log_generated_runs(client: MlflowClient, runs: int, metric_steps: int) -> N
             Param("batch_size", str(32 * (index % 4 + 1))),
         ]
         metrics = [
-            Metric(key, round(scale * (1.0 + index % 7) / (step + 1), 6), start_time + step * 1000, step)
+            Metric(
+                key,
+                round(scale * (1.0 + index % 7) / (step + 1), 6),
+                start_time + step * 1000,
+                step,
+            )
             for key, scale in (("loss", 1.0), ("val_loss", 1.1), ("accuracy", 0.01))
             for step in range(metric_steps)
         ]
@@ -538,7 +550,9 @@ def _log_generated_runs(client: MlflowClient, runs: int, metric_steps: int) -> N
         client.set_terminated(run_id, end_time=start_time + metric_steps * 1000)
 
 
-def _log_added_run(client: MlflowClient, experiment_id: str, run_name: str, artifact_sources: Path) -> None:
+def _log_added_run(
+    client: MlflowClient, experiment_id: str, run_name: str, artifact_sources: Path
+) -> None:
     run_id = client.create_run(
         experiment_id,
         start_time=BASE_TIMESTAMP_MS + 100 * 3_600_000,
@@ -715,32 +729,34 @@ def _log_and_publish(
     started = time.monotonic()
     server = _start_source_server(s3, artifacts_bucket, work_dir)
     try:
-        logged = time.monotonic()
+        server_ready = time.monotonic()
         client = MlflowClient(tracking_uri=server.url)
-        log_content(client)
-        recorded = time.monotonic()
+        # set_terminated() prints a "View run" line per run unless this is set.
+        with mock.patch.dict(os.environ, {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+            log_content(client)
+        logging_done = time.monotonic()
         manifest = build_manifest(
             client, s3, metrics_bucket, artifacts_bucket, prefix, check_artifact_listing
         )
     finally:
         server.stop()
 
-    copied = time.monotonic()
+    manifest_done = time.monotonic()
     rclone_copy(s3, work_dir / "mlruns", s3_remote_path(metrics_bucket, prefix))
     finished = time.monotonic()
 
     manifest.write(work_dir / MANIFEST_FILE_NAME)
     logger.info(
         "published %d runs to s3://%s/%s in %.1f s: server start %.1f s, logging %.1f s, "
-        "manifest %.1f s, rclone %.1f s",
+        "manifest and server stop %.1f s, rclone %.1f s",
         len(manifest.runs),
         metrics_bucket,
         prefix,
         finished - started,
-        logged - started,
-        recorded - logged,
-        copied - recorded,
-        finished - copied,
+        server_ready - started,
+        logging_done - server_ready,
+        manifest_done - logging_done,
+        finished - manifest_done,
     )
     return manifest
 
@@ -813,8 +829,9 @@ def add_run_to_published_store(
     run_name: str = "added-run",
     experiment_name: str = "mnist-baseline",
 ) -> StoreManifest:
-    """Log one more run into a store published from work_dir, publish it again, return the new manifest.
+    """Log one more run into the store published from work_dir and publish it again.
 
+    Returns the new manifest, which is also written to work_dir/manifest.json.
     The bucket names and prefix come from work_dir/manifest.json. The added run
     is FINISHED, is named run_name and has one param, one metric history and
     the artifact `added/notes.txt`. rclone copy uploads new and changed files
@@ -832,4 +849,3 @@ def add_run_to_published_store(
         previous.prefix,
         lambda client: _log_added_run(client, experiment_id, run_name, artifact_sources),
     )
-

@@ -83,6 +83,16 @@ class RunnerResult:
                 return {key: int(value) for key, value in match.groupdict().items() if key != "host"}
         raise AssertionError(f"no recap line for {host} in:\n{self.output[-3000:]}")
 
+    def changed_tasks(self, host: str) -> set[str]:
+        """Return the names of the tasks that reported a change on `host`."""
+        changed, task = set(), None
+        for line in self.output.splitlines():
+            if line.startswith("TASK "):
+                task = line[len("TASK "):]
+            elif line.strip() == f"{host}: changed" and task:
+                changed.add(task)
+        return changed
+
 
 @dataclass
 class Replay:

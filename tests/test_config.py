@@ -168,3 +168,47 @@ def test_vars_file_not_a_mapping(tmp_path, text):
 
     with pytest.raises(ConfigError, match="vars file"):
         validate_vars_file(vars_file)
+
+
+def replay_list(*entries, **shared):
+    return {"site": "CHI@TACC", **shared, "replays": list(entries)}
+
+
+def test_replay_list_form():
+    settings = replay_list(
+        {"name": "a", "metrics_container": "runs-a", "artifacts_container": "arts-a", "port": 8000},
+        {"name": "b", "metrics_container": "runs-b", "artifacts_container": "arts-b", "port": 8001,
+         "site": "CHI@UC"},
+    )
+
+    first, second = normalise_replays(settings, DEFAULT_LAYOUT)
+
+    assert (first["name"], first["port"], first["endpoint"]) == ("a", 8000, TACC)
+    assert (second["name"], second["endpoint"]) == ("b", "https://chi.uc.chameleoncloud.org:7480")
+    assert first["database"] != second["database"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        (replay_list({"name": "a", "metrics_container": "r-1", "artifacts_container": "a-1", "port": 8000},
+                     {"name": "b", "metrics_container": "r-2", "artifacts_container": "a-2", "port": 8000}),
+         "replays[1].port: is already used by replay 'a'"),
+        (replay_list({"name": "a", "metrics_container": "r-1", "artifacts_container": "a-1", "port": 8000},
+                     {"name": "a", "metrics_container": "r-2", "artifacts_container": "a-2", "port": 8001}),
+         "replays[1].name: is already used by replay 'a'"),
+        (replay_list({"metrics_container": "r-1", "artifacts_container": "a-1"}), "replays[0].name: is missing"),
+        (replay_list({"name": "a", "metrics_contaner": "r-1"}), "Did you mean 'metrics_container'?"),
+        (replay_list({"name": "a", "metrics_container": "r-1", "artifacts_container": "a-1", "port": 0}),
+         "replays[0].port: must be an integer"),
+        (replay_list("just-a-name"), "replays[0]: must be a mapping"),
+        ({"replays": []}, "replays: must be a non-empty list"),
+        (replay_list({"name": "a", "metrics_container": "r-1", "artifacts_container": "a-1"}, port=8000),
+         "port: cannot stand beside 'replays'"),
+    ],
+)
+def test_replay_list_errors(settings, fragment):
+    with pytest.raises(ConfigError) as raised:
+        normalise_replays(settings, DEFAULT_LAYOUT)
+
+    assert fragment in str(raised.value)

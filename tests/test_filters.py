@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugins.filter.mlflow_replay import mlflow_replay_installed_names, mlflow_replay_report
+from plugins.filter.mlflow_replay import mlflow_replay_installed_names, mlflow_replay_removed, mlflow_replay_report
 from mlflow_replay.vars_file import DEFAULT_LAYOUT
 
 
@@ -37,3 +37,16 @@ def test_report_uses_local_addresses():
 
     assert report["urls"] == ["http://10.52.0.7:9000/", "http://172.17.0.1:9000/"]
     assert report["experiments"] == []
+
+
+def test_removed_keeps_desired_replays():
+    removed = mlflow_replay_removed(["a", "b", "c"], [{"name": "b"}], [], DEFAULT_LAYOUT)
+
+    assert [replay["name"] for replay in removed] == ["a", "c"]
+    assert removed[0]["server_unit"] == "mlflow-replay-a-server.service"
+
+
+def test_removed_limited_to_selected_names():
+    removed = mlflow_replay_removed(["a", "b", "c"], [], ["c", "z"], DEFAULT_LAYOUT)
+
+    assert [replay["name"] for replay in removed] == ["c"]

@@ -22,7 +22,7 @@ def mlflow_replay_replays(host_vars, layout):
     `host_vars` is the host's variables (hostvars[inventory_hostname]); only
     the keys of the vars file are read from it.
     """
-    settings = {key: host_vars[key] for key in REPLAY_KEYS if key in host_vars}
+    settings = {key: host_vars[key] for key in REPLAY_KEYS + ("replays",) if key in host_vars}
     try:
         return normalise_replays(settings, dict(layout))
     except ConfigError as error:
@@ -54,6 +54,18 @@ def mlflow_replay_installed_names(paths, layout):
             if stem and suffix in ("metrics.service", "artifacts.service", "server.service"):
                 names.add(stem)
     return sorted(names)
+
+
+def mlflow_replay_removed(installed, desired, only, layout):
+    """Return the paths of the installed replays to remove.
+
+    `installed` are the replay names found on the node, `desired` the
+    replays the vars file keeps (empty in teardown). With `only` non-empty,
+    just those names are removed: `runner.py teardown --replay NAME`.
+    """
+    keep = {replay["name"] for replay in desired}
+    names = [name for name in installed if name not in keep and (not only or name in only)]
+    return [replay_paths(name, dict(layout)) for name in names]
 
 
 def mlflow_replay_report(responses, replays, address, facts):
@@ -88,4 +100,5 @@ class FilterModule:
             "mlflow_replay_paths": mlflow_replay_paths,
             "mlflow_replay_installed_names": mlflow_replay_installed_names,
             "mlflow_replay_report": mlflow_replay_report,
+            "mlflow_replay_removed": mlflow_replay_removed,
         }
