@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("apply", parents=[common, changes], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="make every node serve the replay; repairs drift when rerun")
-    commands.add_parser("teardown", parents=[common, changes], epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        help="remove everything apply created on the nodes")
+    teardown = commands.add_parser("teardown", parents=[common, changes], epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   help="remove everything apply created on the nodes")
+    teardown.add_argument("--replay", action="append", default=[], metavar="NAME",
+                          help="remove only this replay (repeatable); default: every replay on the nodes")
     commands.add_parser("validate", parents=[common], epilog=EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="check the vars file offline, without contacting any node")
@@ -111,6 +113,7 @@ def run_playbook(playbook: str, args) -> int:
         check=getattr(args, "check", False),
         diff=getattr(args, "diff", False),
         verbosity=args.verbose,
+        extra_vars={"mlflow_replay_only": args.replay} if getattr(args, "replay", None) else None,
     )
     started = time.monotonic()
     with Progress() as progress:
