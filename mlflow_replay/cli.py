@@ -65,12 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="file (or script) holding the vault password of --secrets "
                                "(default: $ANSIBLE_VAULT_PASSWORD_FILE)")
 
+    only = argparse.ArgumentParser(add_help=False)
+    only.add_argument("--replay", action="append", default=[], metavar="NAME",
+                      help="remove only this replay (repeatable); default: every replay on the nodes")
+
     def add(name: str, parents: list, help_text: str) -> None:
         commands.add_parser(name, parents=parents, epilog=EPILOG, help=help_text, description=help_text,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
 
     add("apply", [common, playbook, secrets], "make every node serve the replay; repairs drift when rerun")
-    add("teardown", [common, playbook, secrets], "remove everything apply created on the nodes")
+    add("teardown", [common, playbook, secrets, only], "remove everything apply created on the nodes")
     add("status", [common, playbook, secrets],
         "report mounts, snapshot age and size, store changes since the import, server health and URL "
         "of each replay; changes nothing")
@@ -126,6 +130,7 @@ def run_playbook(args, secrets: dict) -> int:
         verbosity=args.verbose,
         secrets_file=args.secrets.resolve() if args.secrets else None,
         vault_password_file=args.vault_password_file.resolve() if args.vault_password_file else None,
+        extra_vars={"mlflow_replay_only": args.replay} if getattr(args, "replay", None) else None,
     )
     log = RunLog(command, secret_values(secrets))
     started = time.monotonic()

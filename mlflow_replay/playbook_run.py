@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import ansible_runner
+import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +55,8 @@ class PlaybookRun:
 
     def __init__(self, playbook: str, inventory: Path, vars_file: Path | None = None,
                  limit: str | None = None, check: bool = False, diff: bool = False, verbosity: int = 0,
-                 secrets_file: Path | None = None, vault_password_file: Path | None = None):
+                 secrets_file: Path | None = None, vault_password_file: Path | None = None,
+                 extra_vars: dict | None = None):
         self.playbook = PROJECT_ROOT / "playbooks" / playbook
         self.inventory = inventory
         self.vars_file = vars_file
@@ -65,12 +68,30 @@ class PlaybookRun:
         self.check = check
         self.diff = diff
         self.verbosity = verbosity
+        # Non-secret settings only: they appear on ansible-playbook's command line.
+        self.extra_vars = extra_vars or {}
+
+    def inventories(self, private_dir: Path) -> list[str]:
+        """Return the inventory sources: the user's, then the vars file as group vars.
+
+        Passed with --extra-vars, the vars file would override every host
+        variable (extra vars rank highest in Ansible). As the vars of the
+        `all` group in an inventory source of their own, they rank below
+        host_vars, so a node can override a setting, such as its port.
+        """
+        sources = [str(self.inventory)]
+        if self.vars_file is not None:
+            settings = yaml.safe_load(self.vars_file.read_text(encoding="utf-8")) or {}
+            group_vars = private_dir / "replay-vars.yml"
+            group_vars.write_text(yaml.safe_dump({"all": {"vars": settings}}), encoding="utf-8")
+            sources.append(str(group_vars))
+        return sources
 
     def command_line(self) -> str:
         """Return the ansible-playbook options other than playbook and inventory."""
         options = []
-        if self.vars_file is not None:
-            options += ["--extra-vars", f"@{self.vars_file}"]
+        if self.extra_vars:
+            options += ["--extra-vars", json.dumps(self.extra_vars)]
         if self.secrets_file is not None:
             options += ["--extra-vars", f"@{self.secrets_file}"]
         if self.vault_password_file is not None:
@@ -91,7 +112,7 @@ class PlaybookRun:
                 private_data_dir=str(private_dir),
                 project_dir=str(PROJECT_ROOT),
                 playbook=str(self.playbook),
-                inventory=str(self.inventory),
+                inventory=self.inventories(private_dir),
                 cmdline=self.command_line(),
                 envvars={
                     "ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"),

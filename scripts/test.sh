@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# MLflow in the tests would otherwise fetch a remote telemetry config.
+export MLFLOW_DISABLE_TELEMETRY=true
 exec .venv/bin/python -m pytest "$@"

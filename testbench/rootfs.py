@@ -34,6 +34,9 @@ BASE_PACKAGES = (
     "libpam-systemd",
     "openssh-server",
     "python3",
+    # Ubuntu's cloud images, which Chameleon uses, ship python3-apt; Ansible's
+    # apt module needs it to run in check mode.
+    "python3-apt",
     "python3-venv",
     "sudo",
     "systemd",

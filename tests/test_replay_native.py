@@ -84,7 +84,8 @@ def test_teardown_removes_everything(replay, node):
     for unit in CREATED_UNITS:
         state = node.run(f"systemctl is-active {unit}", check=False).stdout.strip()
         assert state in ("inactive", "unknown"), f"{unit} is {state}"
-    assert node.run("findmnt --types fuse.rclone", check=False).returncode != 0, "an rclone mount remains"
+    mounts = node.run("findmnt --list --noheadings --types fuse.rclone", check=False).stdout
+    assert mounts.strip() == "", f"rclone mounts remain: {mounts}"
     assert node.run("pgrep -f 'rclone mount'", check=False).returncode != 0, "an rclone process remains"
     assert node.run("pgrep -f 'mlflow server'", check=False).returncode != 0, "an MLflow process remains"
     assert node.run("getent passwd mlflow-replay", check=False).returncode != 0, "the service account remains"
