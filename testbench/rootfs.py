@@ -47,7 +47,7 @@ BASE_PACKAGES = (
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 # Bump when the customization below changes, so cached trees are rebuilt.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 STAMP_NAME = "complete.json"
 
@@ -116,6 +116,10 @@ def _run_mmdebstrap(build_dir: Path, suite: str, packages: list[str], mirror: st
     cmd = [
         "mmdebstrap",
         "--variant=minbase",
+        # Keep the package lists, as a cloud image has them: mmdebstrap would
+        # empty them yet leave them looking fresh, so Ansible's apt module,
+        # trusting its cache_valid_time, would find no package at all.
+        "--skip=cleanup/apt/lists",
         f"--include={','.join(packages)}",
         suite,
         str(build_dir / "rootfs"),
