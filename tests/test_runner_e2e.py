@@ -22,7 +22,7 @@ from tests.conftest import PROJECT_ROOT, make_replay, node_address
 
 pytestmark = pytest.mark.bench
 
-NODE = ("runner1", node_address(21))
+NODE = ("runner1", node_address(25))
 # On the bench subnet, where no node runs.
 GHOST = ("ghost", node_address(99))
 VIEWER_URL = f"http://{NODE[1]}:8000/"

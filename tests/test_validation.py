@@ -193,7 +193,7 @@ def test_missing_credentials_exit_two(offline_files):
 
 # --- Node-side preflight ----------------------------------------------------
 
-NODE = ("pfnode", node_address(21))
+NODE = ("pfnode", node_address(26))
 AUTH_PORT = 9001
 HELD_PORT = 8123
 NESTED_BUCKET = "nested-mlruns"
