@@ -26,8 +26,11 @@ from testbench.store import publish_sample_store
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(os.environ.get("MLFLOW_REPLAY_DEMO_DIR", "/var/lib/mlflow-replay-demo"))
 STATE_FILE = STATE_DIR / "demo.json"
-NODE = ("demo-node", "10.213.0.11")
-S3_NETNS = ("mlrb-demo-s3", "10.213.0.2")
+# A network of its own, so the demo and the test bench can run side by side.
+BRIDGE = "mlrdemo0"
+SUBNET = "10.213.100.0/24"
+NODE = ("demo-node", "10.213.100.11")
+S3_NETNS = ("mlrb-demo-s3", "10.213.100.2")
 S3_PORT = 9000
 METRICS_BUCKET = "demo-mlruns"
 ARTIFACTS_BUCKET = "demo-artifacts"
@@ -58,7 +61,7 @@ def start(state: dict) -> int:
         s3 = start_s3_server("127.0.0.1", S3_PORT, log_path=STATE_DIR / "moto.log")
     else:
         print(f"demo: this machine does not run systemd; booting the throwaway node {NODE[0]} ({NODE[1]})")
-        bench = Bench(state_dir=STATE_DIR / "bench")
+        bench = Bench(state_dir=STATE_DIR / "bench", bridge=BRIDGE, subnet=SUBNET)
         bench.shutdown()
         (node,) = bench.boot([NODE])
         bench.create_netns_host(*S3_NETNS)
@@ -99,7 +102,7 @@ def stop(state: dict) -> int:
         except ProcessLookupError:
             pass
     if state.get("mode") == "node":
-        Bench(state_dir=STATE_DIR / "bench").shutdown()
+        Bench(state_dir=STATE_DIR / "bench", bridge=BRIDGE, subnet=SUBNET).shutdown()
     STATE_FILE.unlink(missing_ok=True)
     print("demo: stopped")
     return code
