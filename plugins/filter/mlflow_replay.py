@@ -71,7 +71,7 @@ def mlflow_replay_removed(installed, desired, only, layout):
 def mlflow_replay_report(responses, replays, address, facts):
     """Describe each replay for the recap: name, URLs and experiment names.
 
-    `responses` are the experiments/search answers in the order of `replays`.
+    `responses` are the experiments/search responses, in the order of `replays`.
     An empty `address` means the node is the control host: the URLs then use
     the node's own IPv4 addresses (never an outside IP-lookup service).
     """
