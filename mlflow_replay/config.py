@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 RUNTIMES = ("native", "docker")
 DEFAULT_PORT = 8000
-DEFAULT_RUNTIME = "native"
+DEFAULT_RUNTIME = "docker"
 DEFAULT_NAME = "default"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 # S3 bucket names as Ceph RGW and AWS accept them; Swift container names are

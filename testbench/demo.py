@@ -79,6 +79,8 @@ def start(state: dict) -> int:
         "artifacts_container": ARTIFACTS_BUCKET,
         "endpoint": s3.endpoint,
         "port": 8000,
+        # The docker runtime pulls the MLflow image from a container
+        # registry; the native one needs only PyPI, so the demo runs anywhere.
         "runtime": "native",
     }))
     state.update(vars_file=str(vars_file), credentials={

@@ -212,3 +212,10 @@ def test_replay_list_errors(settings, fragment):
         normalise_replays(settings, DEFAULT_LAYOUT)
 
     assert fragment in str(raised.value)
+
+
+def test_runtime_defaults_to_docker():
+    (replay,) = normalise_replays({"site": "CHI@TACC", "metrics_container": "runs", "artifacts_container": "arts"},
+                                  DEFAULT_LAYOUT)
+
+    assert replay["runtime"] == "docker"
