@@ -130,7 +130,7 @@ def node_address(host_number: int) -> str:
     """Return the bench address of node number `host_number` (11 and up).
 
     Nodes stay up for the whole session, so each test module uses numbers of
-    its own. Native uses 11, drift 12, list 13, check mode 14, many nodes
+    its own. Native uses 11, drift 12, list 13, check mode 14, store refresh 15, many nodes
     21-23, runner 25 (and 99, never booted), preflight 26 (and 250), docker
     31 and 40, guard 41.
     """
