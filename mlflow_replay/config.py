@@ -212,7 +212,7 @@ def _parse_name(value: object) -> str:
 def normalise_replay(settings: dict, layout: dict) -> dict:
     """Validate one replay's settings and return it with every derived path.
 
-    `layout` holds the root directories and the unit prefix (the role
+    `layout` contains the root directories and the unit prefix (the role
     defaults); each path of the result is the root joined with the replay name.
     """
     name = _parse_name(settings.get("name", DEFAULT_NAME))

@@ -31,7 +31,7 @@ def search_path() -> str:
 
 @dataclass
 class RunResult:
-    """What a finished run reports: Ansible's per-host counters and stats data."""
+    """Result of a finished run: Ansible's per-host counters and stats data."""
 
     status: str
     rc: int

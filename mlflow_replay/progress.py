@@ -68,7 +68,7 @@ class Progress:
                 self._print(f"    ... still running: {self.task} ({elapsed} s)")
 
     def handle(self, event: dict) -> None:
-        """Print what `event` (an ansible-runner event) tells the user."""
+        """Print the progress line, if any, for `event` (an ansible-runner event)."""
         kind = event.get("event", "")
         data = event.get("event_data", {})
         if self.log is not None and event.get("stdout"):
@@ -122,7 +122,7 @@ def failure_message(result: dict) -> str:
 
     For a loop task, the first failed item's message, with its label: the
     task's own message only states that an item failed. A `no_log: true`
-    result has no message: the output is hidden, so say that.
+    result has no message: the output is hidden, and the returned message states that.
     """
     if result.get("censored"):
         return "output hidden because the task sets no_log: true (rerun the playbook without no_log to debug)"

@@ -51,7 +51,7 @@ def validate_vars_file(path: Path) -> list[dict]:
     """Return the replays that the vars file describes, or raise ConfigError.
 
     Unlike the Ansible filter, which picks the known keys out of all host
-    variables, this sees the file alone, so it also rejects unknown keys.
+    variables, this reads the file alone, so it also rejects unknown keys.
     """
     settings = load_vars(path)
     check_known_keys(settings)
