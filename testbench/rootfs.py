@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from testbench.host import BenchError, remove_tree, run
+from testbench.wheelhouse import NODE_WHEELHOUSE
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ BASE_PACKAGES = (
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 # Bump when the customization below changes, so cached trees are rebuilt.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 STAMP_NAME = "complete.json"
 
@@ -167,6 +168,10 @@ def _customize(rootfs: Path) -> None:
     sudoers.write_text("cc ALL=(ALL) NOPASSWD:ALL\n")
     sudoers.chmod(0o440)
     run(["chroot", str(rootfs), "visudo", "--check", "--file=/etc/sudoers.d/cc"])
+
+    # pip on the node prefers the bench's wheelhouse (testbench/wheelhouse.py)
+    # for versions it offers, and uses the index for everything else.
+    (rootfs / "etc/pip.conf").write_text(f"[global]\nfind-links = {NODE_WHEELHOUSE}\n")
 
     run(["chroot", str(rootfs), "systemctl", "enable", "systemd-networkd.service", "ssh.service"])
     run(["chroot", str(rootfs), "systemctl", "mask", *MASKED_UNITS])

@@ -19,6 +19,7 @@ import yaml
 from testbench.nodes import Bench, Node
 from testbench.s3 import S3Server, start_s3_server
 from testbench.store import StoreManifest, publish_sample_store
+from testbench.wheelhouse import ensure_wheelhouse
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # MLFLOW_REPLAY_BENCH_INDEX (0-9) selects a bench of its own: bridge, subnet,
@@ -44,6 +45,7 @@ def bench():
     """The session's node bench; shuts down every node and the network at the end."""
     instance = Bench(state_dir=BENCH_DIR, bridge=BENCH_BRIDGE, subnet=f"{BENCH_PREFIX}.0/24")
     instance.shutdown()  # Clear what a crashed earlier session left behind.
+    ensure_wheelhouse(instance.pip_cache_dir)
     try:
         yield instance
     finally:
@@ -132,7 +134,7 @@ def node_address(host_number: int) -> str:
     Nodes stay up for the whole session, so each test module uses numbers of
     its own. Native uses 11, drift 12, list 13, check mode 14, store refresh 15, many nodes
     21-23, runner 25 (and 99, never booted), preflight 26 (and 250), docker
-    31 and 40, guard 41.
+    31 and 40, guard 41, apply faults 57, native faults 55, docker faults 56.
     """
     return f"{BENCH_PREFIX}.{host_number}"
 
