@@ -28,17 +28,23 @@ class Progress:
     no event for HEARTBEAT_SECONDS (package installs, the snapshot import).
     """
 
-    def __init__(self, stream=sys.stdout, log=None):
+    def __init__(self, stream=sys.stdout, log=None, show_diff=False):
         # stream None prints nothing (--json); `log` (a RunLog) receives
-        # Ansible's full display output whatever the stream.
+        # Ansible's full display output whatever the stream. With show_diff
+        # (--diff), file diffs and debug messages are printed as Ansible
+        # displays them, scrubbed by `log` like the log itself.
         self.stream = stream
         self.log = log
+        self.show_diff = show_diff
         # (host, task uuid) of loop tasks with at least one changed item.
         self._changed_items: set[tuple[str, str]] = set()
         self.task = None
         self.task_started = time.monotonic()
         self.last_output = time.monotonic()
         self.failures: list[dict] = []
+        # Hosts on which at least one task started: after an interruption,
+        # these are the hosts that may be half-applied.
+        self.hosts_started: set[str] = set()
         # Output that ansible-playbook prints outside any task, such as a
         # syntax error that stops the run before its first task.
         self.messages: list[str] = []
@@ -73,6 +79,8 @@ class Progress:
         data = event.get("event_data", {})
         if self.log is not None and event.get("stdout"):
             self.log.write(event["stdout"])
+        if kind == "runner_on_start":
+            self.hosts_started.add(data.get("host", "?"))
         if kind == "runner_item_on_ok" and _reports_changed(event):
             self._changed_items.add((data.get("host", "?"), data.get("task_uuid", "")))
         if kind == "playbook_on_task_start":
@@ -83,6 +91,9 @@ class Progress:
             self._host_result(kind, event)
         elif kind in ("verbose", "error") and event.get("stdout", "").strip():
             self.messages.append(event["stdout"].rstrip())
+        if self.show_diff and (kind == "runner_on_file_diff"
+                               or kind in ("runner_on_ok", "runner_item_on_ok") and _is_debug(data)):
+            self._print_detail(event.get("stdout") or "")
 
     def _host_result(self, kind: str, event: dict) -> None:
         data = event.get("event_data", {})
@@ -102,6 +113,17 @@ class Progress:
         self._print(f"  {host}: {state}")
         if state in ("FAILED", "UNREACHABLE"):
             self.failures.append({"host": host, "task": data.get("task", self.task), "message": failure_message(result)})
+
+    def _print_detail(self, text: str) -> None:
+        if self.log is not None:
+            text = self.log.scrub(text)
+        for line in text.rstrip().splitlines():
+            self._print(f"    {line}")
+
+
+def _is_debug(event_data: dict) -> bool:
+    """Return whether an event comes from a debug task, whose message --diff prints."""
+    return event_data.get("task_action") in ("debug", "ansible.builtin.debug")
 
 
 def _reports_changed(event: dict) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from plugins.filter.masked_diff import mlflow_replay_masked_diff
 from plugins.filter.mlflow_replay import mlflow_replay_installed_names, mlflow_replay_removed, mlflow_replay_report
 from mlflow_replay.vars_file import DEFAULT_LAYOUT
 
@@ -50,3 +51,29 @@ def test_removed_limited_to_selected_names():
     removed = mlflow_replay_removed(["a", "b", "c"], [], ["c", "z"], DEFAULT_LAYOUT)
 
     assert [replay["name"] for replay in removed] == ["c"]
+
+
+# rclone.conf texts for the masked diff of `apply --check --diff`.
+OLD_CONF = "[store]\ntype = s3\nendpoint = http://old:9000\naccess_key_id = OLDKEYID\nsecret_access_key = OLDSECRET\n"
+
+
+def test_masked_diff_hides_secrets_and_marks_a_changed_one():
+    new_conf = OLD_CONF.replace("OLDSECRET", "NEWSECRET").replace("old:9000", "new:9000")
+
+    diff = mlflow_replay_masked_diff(OLD_CONF, new_conf)
+
+    assert "OLDSECRET" not in diff and "NEWSECRET" not in diff and "OLDKEYID" not in diff
+    assert "+secret_access_key = <hidden, changed>" in diff
+    assert "-endpoint = http://old:9000" in diff and "+endpoint = http://new:9000" in diff
+    assert "+access_key_id" not in diff  # unchanged: a context line at most
+
+
+def test_masked_diff_of_a_new_file_hides_every_secret():
+    diff = mlflow_replay_masked_diff("", OLD_CONF)
+
+    assert "OLD" not in diff.replace("old:9000", "")
+    assert "+access_key_id = <hidden, changed>" in diff
+
+
+def test_masked_diff_is_empty_when_nothing_changed():
+    assert mlflow_replay_masked_diff(OLD_CONF, OLD_CONF) == ""

@@ -119,3 +119,61 @@ def test_run_log_rotates_and_scrubs(tmp_path):
     assert sorted(directory.iterdir()) == sorted(paths[1:])
     assert paths[-1].read_text() == f"key {MASK} and {MASK}\n"
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+DIFF_PLAYBOOK = f"""
+- name: Diff cases
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Write a config file
+      ansible.builtin.copy:
+        content: "endpoint = new\\nsecret = {SECRET}\\n"
+        dest: "{{{{ target }}}}"
+        mode: "0600"
+    - name: Show a message per item
+      ansible.builtin.debug:
+        msg: "message for {{{{ item }}}}"
+      loop: [first]
+"""
+
+
+def run_diff_playbook(tmp_path: Path, progress: Progress, diff: bool) -> None:
+    """Run DIFF_PLAYBOOK on a config file that its first task changes."""
+    target = tmp_path / "app.conf"
+    target.write_text("endpoint = old\n")
+    playbook = tmp_path / "playbook.yml"
+    playbook.write_text(DIFF_PLAYBOOK)
+    ansible_runner.run(
+        private_data_dir=tempfile.mkdtemp(dir=tmp_path),
+        playbook=str(playbook),
+        inventory=f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}",
+        envvars={"ANSIBLE_NOCOLOR": "1", "PATH": search_path()},
+        cmdline=("--diff " if diff else "") + f"--extra-vars target={target}",
+        quiet=True,
+        event_handler=lambda event: progress.handle(event) or True,
+    )
+
+
+def test_diff_prints_file_diff_and_debug_scrubbed(tmp_path):
+    output = io.StringIO()
+    log = RunLog("test", [SECRET], directory=tmp_path / "logs")
+    with Progress(stream=output, log=log, show_diff=True) as progress:
+        run_diff_playbook(tmp_path, progress, diff=True)
+    log.close()
+    lines = output.getvalue()
+
+    assert "    -endpoint = old" in lines
+    assert "    +endpoint = new" in lines
+    assert f"+secret = {MASK}" in lines
+    assert SECRET not in lines
+    assert "message for first" in lines
+
+
+def test_no_diff_prints_task_lines_only(tmp_path):
+    output = io.StringIO()
+    with Progress(stream=output) as progress:
+        run_diff_playbook(tmp_path, progress, diff=False)
+
+    assert "endpoint" not in output.getvalue()
+    assert "message for first" not in output.getvalue()
