@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from mlflow_replay.config import ConfigError
+from mlflow_replay.lock import InventoryLock, LockHeldError, command_line
 from mlflow_replay.playbook_run import PROJECT_ROOT, PlaybookRun
 from mlflow_replay.progress import Progress
 from mlflow_replay.run_log import RunLog
@@ -21,6 +22,9 @@ EXIT_HOST_FAILED = 1
 EXIT_INVALID_CONFIG = 2
 EXIT_UNHEALTHY = 3
 EXIT_UNREACHABLE = 4
+EXIT_LOCKED = 5
+# 128 + SIGINT, as shells report a command that Ctrl-C stopped.
+EXIT_INTERRUPTED = 130
 
 EPILOG = """exit codes:
   0  success
@@ -28,6 +32,8 @@ EPILOG = """exit codes:
   2  invalid configuration (nothing was changed)
   3  status: a replay is unhealthy (its problems are listed)
   4  a host was unreachable (the reachable hosts still ran)
+  5  another apply or teardown against the same inventory is running; nothing was changed
+  130  interrupted (SIGINT or SIGTERM): hosts may be half-applied; run apply or teardown again
 
 Same job without runner.py, from the repository root:
   ansible-playbook -i INVENTORY playbooks/COMMAND.yml -e @VARS [-e @SECRETS]
@@ -107,6 +113,8 @@ def check_configuration(args) -> tuple[list[dict], dict]:
 
 
 def exit_code(command: str, result, failures: list[dict]) -> int:
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     if result.stats.get("dark"):
         return EXIT_UNREACHABLE
     if result.rc != 0 or result.stats.get("failures") or failures:
@@ -118,7 +126,7 @@ def exit_code(command: str, result, failures: list[dict]) -> int:
     return EXIT_OK
 
 
-def run_playbook(args, secrets: dict) -> int:
+def run_playbook(args, secrets: dict, lock: InventoryLock | None = None) -> int:
     command = args.command
     run = PlaybookRun(
         f"{command}.yml",
@@ -135,19 +143,57 @@ def run_playbook(args, secrets: dict) -> int:
     log = RunLog(command, secret_values(secrets))
     started = time.monotonic()
     try:
-        with Progress(stream=None if args.json else sys.stdout, log=log) as progress:
-            result = run.run(progress.handle)
+        with Progress(stream=None if args.json else sys.stdout, log=log,
+                      show_diff=getattr(args, "diff", False)) as progress:
+            result = run.run(progress.handle, on_start=lock.record_child if lock else None)
         elapsed = time.monotonic() - started
         code = exit_code(command, result, progress.failures)
         document = build_document(command, result, progress.failures, elapsed, code, log.path)
+        if result.interrupted:
+            document["interrupted"] = {"hosts": sorted(progress.hosts_started)}
         log.write(json.dumps(document, indent=2))
         if args.json:
             print(json.dumps(document, indent=2))
-        else:
+        elif result.stats or not result.interrupted:
+            # An interrupted ansible-playbook prints no recap, so there is none to show.
             print_text(command, result, progress, elapsed, log.path)
+        if result.interrupted:
+            message = interruption_message(command, sorted(progress.hosts_started))
+            log.write(message)
+            print(message, file=sys.stderr)
         return code
     finally:
         log.close()
+
+
+def interruption_message(command: str, hosts: list[str]) -> str:
+    """Return the message of an interrupted run: the hosts that may be half-done and what to run next."""
+    if not hosts:
+        return f"\ninterrupted: {command} stopped before any task started on a host; nothing was changed."
+    verb = "half-applied" if command == "apply" else "half-removed"
+    return (
+        f"\ninterrupted: {command} stopped part way. These hosts may be {verb}: {', '.join(hosts)}.\n"
+        "Run 'runner.py apply' again to finish the replay, or 'runner.py teardown' to remove it; "
+        "both work from this state."
+    )
+
+
+def run_locked(args, secrets: dict) -> int:
+    """Run the playbook of apply or teardown while holding the inventory's lock.
+
+    --check changes nothing on the nodes, so it runs without the lock, as status does.
+    """
+    if args.command not in ("apply", "teardown") or args.check:
+        return run_playbook(args, secrets)
+    try:
+        with InventoryLock(args.inventory, command_line()) as lock:
+            return run_playbook(args, secrets, lock)
+    except LockHeldError as error:
+        print(f"{args.command} rejected: {error}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"command": args.command, "exit_code": EXIT_LOCKED, "error": str(error),
+                              "holder": error.holder}))
+        return EXIT_LOCKED
 
 
 def main(argv=None) -> int:
@@ -167,7 +213,10 @@ def main(argv=None) -> int:
             print(f"{args.vars}: valid ({len(replays)} replay: {names})")
         return EXIT_OK
     try:
-        return run_playbook(args, secrets)
+        return run_locked(args, secrets)
     except KeyboardInterrupt:
-        print("\ninterrupted: the nodes may be half-applied; rerun apply or teardown", file=sys.stderr)
-        return 130
+        # Only a signal outside the playbook run lands here: PlaybookRun
+        # handles SIGINT itself while ansible-playbook runs.
+        print(f"\ninterrupted: {args.command} stopped outside the playbook run; hosts may be half-applied. "
+              "Run apply or teardown again.", file=sys.stderr)
+        return EXIT_INTERRUPTED

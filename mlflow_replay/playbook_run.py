@@ -6,8 +6,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,17 +18,72 @@ import ansible_runner
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# After the first SIGINT, ansible-playbook gets this long to stop on its own
+# before its whole process group is killed.
+INTERRUPT_GRACE_SECONDS = 15
 
 
-def search_path() -> str:
-    """Return PATH with this Python's bin directory first.
+def search_path(first: Path | None = None) -> str:
+    """Return PATH with `first`, then this Python's bin directory, in front.
 
     ansible-runner finds ansible-playbook on PATH only, which misses a
     virtualenv that was not activated (`.venv/bin/python runner.py ...`).
     Its `binary` option is no way out: it switches to running a raw command
     without the playbook.
     """
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    directories = [str(first)] if first is not None else []
+    directories += [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
+    return os.pathsep.join(directories)
+
+
+# Started by ansible-runner in place of ansible-playbook, through PATH. It
+# runs the real ansible-playbook as its child and stops it when runner.py
+# dies, even from SIGKILL. Without it, ansible-playbook outlives runner.py,
+# because ansible-runner starts it with SIGHUP ignored, and it can hang once
+# no process reads its terminal (seen with ansible-core 2.19).
+CHILD_GUARD = """#!{python}
+import ctypes, os, shutil, signal, sys
+
+PR_SET_PDEATHSIG = 1
+GRACE_SECONDS = {grace}
+
+
+def stop_group(number, frame):
+    # The same SIGINT that a Ctrl-C in ansible-playbook sends, then SIGKILL.
+    signal.signal(signal.SIGALRM, lambda *_: os.killpg(0, signal.SIGKILL))
+    signal.alarm(GRACE_SECONDS)
+    os.killpg(0, signal.SIGINT)
+
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGUSR1, stop_group)
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
+child = os.fork()
+if child == 0:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    os.execv({playbook!r}, [{playbook!r}, *sys.argv[1:]])
+if os.getppid() != {parent}:
+    stop_group(None, None)
+status = os.waitpid(child, 0)[1]
+if os.getppid() != {parent}:
+    # runner.py died and cannot remove its private directory, which
+    # contains the environment with the credentials, so remove it here.
+    shutil.rmtree({private_dir!r}, ignore_errors=True)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def write_child_guard(directory: Path) -> Path:
+    """Write CHILD_GUARD as `ansible-playbook` into `directory` and return the directory."""
+    directory.mkdir(mode=0o700)
+    guard = directory / "ansible-playbook"
+    guard.write_text(CHILD_GUARD.format(python=sys.executable, grace=INTERRUPT_GRACE_SECONDS,
+                                        playbook=str(Path(sys.executable).parent / "ansible-playbook"),
+                                        parent=os.getpid(), private_dir=str(directory.parent)))
+    guard.chmod(0o700)
+    return directory
 
 
 @dataclass
@@ -37,6 +94,57 @@ class RunResult:
     rc: int
     stats: dict = field(default_factory=dict)
     custom_stats: dict = field(default_factory=dict)
+    # True when SIGINT or SIGTERM stopped the run before ansible-playbook finished.
+    interrupted: bool = False
+
+
+class Interruption:
+    """SIGINT and SIGTERM handling while ansible-playbook runs.
+
+    The first signal forwards SIGINT to ansible-playbook's process group (it
+    runs in a session of its own, so a terminal's Ctrl-C does not reach it),
+    which stops Ansible the way Ctrl-C in ansible-playbook does. `cancel`
+    turns true on a second signal, or INTERRUPT_GRACE_SECONDS after the first;
+    ansible-runner then kills the process group with SIGKILL.
+    """
+
+    def __init__(self):
+        self.child_pid: int | None = None
+        self.first_signal: float | None = None
+        self.count = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def observe(self, event: dict) -> bool:
+        """Record ansible-playbook's PID from its first event; return True when newly recorded."""
+        pid = event.get("pid")
+        if self.child_pid is None and isinstance(pid, int) and pid != os.getpid():
+            self.child_pid = pid
+            return True
+        return False
+
+    def _handle(self, number, frame) -> None:
+        self.count += 1
+        if self.first_signal is None:
+            self.first_signal = time.monotonic()
+            if self.child_pid is not None:
+                try:
+                    os.killpg(os.getpgid(self.child_pid), signal.SIGINT)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def cancel(self) -> bool:
+        if self.first_signal is None:
+            return False
+        waited = time.monotonic() - self.first_signal
+        return self.count > 1 or self.child_pid is None or waited > INTERRUPT_GRACE_SECONDS
 
 
 class PlaybookRun:
@@ -51,6 +159,8 @@ class PlaybookRun:
       runs. Each run therefore gets a fresh private data directory at mode
       0700, removed when the run ends, whatever the outcome.
     - `on_event` receives every Ansible event as ansible-runner delivers it.
+    - SIGINT or SIGTERM stops ansible-playbook (see Interruption) and the run
+      returns a result with `interrupted` set; it raises no KeyboardInterrupt.
     """
 
     def __init__(self, playbook: str, inventory: Path, vars_file: Path | None = None,
@@ -104,9 +214,19 @@ class PlaybookRun:
             options.append("--diff")
         return shlex.join(options)
 
-    def run(self, on_event: Callable[[dict], None]) -> RunResult:
+    def run(self, on_event: Callable[[dict], None], on_start: Callable[[int], None] | None = None) -> RunResult:
+        """Run the playbook; `on_start` receives ansible-playbook's PID once its first event arrives."""
         private_dir = Path(tempfile.mkdtemp(prefix="mlflow-replay-run-"))
         os.chmod(private_dir, 0o700)
+        interruption = Interruption()
+        interruption.install()
+
+        def handle(event: dict) -> bool:
+            if interruption.observe(event) and on_start is not None:
+                on_start(interruption.child_pid)
+            on_event(event)
+            return True
+
         try:
             runner = ansible_runner.run(
                 private_data_dir=str(private_dir),
@@ -117,11 +237,12 @@ class PlaybookRun:
                 envvars={
                     "ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"),
                     "ANSIBLE_NOCOLOR": "1",
-                    "PATH": search_path(),
+                    "PATH": search_path(write_child_guard(private_dir / "bin")),
                 },
                 verbosity=self.verbosity or None,
                 quiet=True,
-                event_handler=lambda event: on_event(event) or True,
+                event_handler=handle,
+                cancel_callback=interruption.cancel,
                 rotate_artifacts=1,
             )
             stats_event = next(
@@ -133,6 +254,8 @@ class PlaybookRun:
                 rc=runner.rc,
                 stats=runner.stats or {},
                 custom_stats=data.get("artifact_data", {}) or {},
+                interrupted=interruption.first_signal is not None,
             )
         finally:
+            interruption.restore()
             shutil.rmtree(private_dir, ignore_errors=True)
