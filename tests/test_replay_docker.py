@@ -111,7 +111,7 @@ def test_apply_deploys_stack_only(node):
     restart_policy = node.run(
         f"docker inspect --format '{{{{.HostConfig.RestartPolicy.Name}}}}' {project_containers(node)[0]}"
     ).stdout.strip()
-    assert restart_policy == "no"
+    assert restart_policy == "on-failure"
     assert node.run(f"test -e /etc/systemd/system/{NATIVE_UNIT}", check=False).returncode != 0
     assert node.run(f"test -e {MLFLOW_VENV}", check=False).returncode != 0
 
