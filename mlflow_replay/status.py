@@ -133,7 +133,7 @@ def _unreachable_problem(report: dict) -> str:
     """Describe an endpoint that does not respond, and whether the viewer still serves its snapshot."""
     error = report["source"]["error"]
     # rclone's message wraps the network error of Go's net package in the S3
-    # request that failed; that error alone says what went wrong.
+    # request that failed; that error alone describes the failure.
     if "dial tcp " in error:
         error = error[error.index("dial tcp "):]
     problem = f"endpoint unreachable: {report['endpoint'] or 'the S3 endpoint'} ({error})"

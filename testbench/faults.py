@@ -17,8 +17,8 @@ from typing import Iterator
 
 from testbench.host import run
 
-# "reject" answers every new connection with a TCP reset, as a stopped server
-# does; "drop" swallows packets, as an unreachable host does (clients time out).
+# "reject" resets every new connection, as a stopped server does. "drop"
+# discards packets, as an unreachable host does, so clients time out.
 OUTAGE_ACTIONS = {
     "reject": ["-j", "REJECT", "--reject-with", "tcp-reset"],
     "drop": ["-j", "DROP"],

@@ -1,7 +1,8 @@
 """What `runner.py status` reports while the S3 endpoint does not respond.
 
-The probes are registered results shaped as Ansible returns them; the end to
-end case (a real outage of the bench's S3 server) is in test_faults_native.
+The probes are registered results shaped as Ansible returns them. The
+end-to-end case, a real outage of the bench's S3 server, is in
+test_faults_native.
 """
 
 from __future__ import annotations
