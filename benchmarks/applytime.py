@@ -43,16 +43,16 @@ def measure_apply(environment: BenchEnvironment, store: PublishedStore, one_node
     setups = {}
     for count, nodes in ((1, one_node), (3, three_nodes)):
         setups[count] = environment.write_replay_files(f"apply-{count}", nodes, [replay_entry(store, 8000)],
-                                                       workers=2)
+                                                       workers=1)
     for count in (1, 3):
         times.add("cold apply", count, environment.runner("apply", *setups[count]))
     for _ in range(repetitions):
         for count in (1, 3):
             times.add("idempotent re-apply", count, environment.runner("apply", *setups[count]))
     # One vars change that reaches the nodes: the worker count rewrites the
-    # server unit and restarts the server. It alternates 1, 2, 1, ...
+    # server unit and restarts the server. It alternates 2, 1, 2, ...
     for repetition in range(max(2, repetitions // 2)):
-        workers = 1 if repetition % 2 == 0 else 2
+        workers = 2 if repetition % 2 == 0 else 1
         for count, nodes in ((1, one_node), (3, three_nodes)):
             files = environment.write_replay_files(f"apply-{count}", nodes, [replay_entry(store, 8000)],
                                                    workers=workers)

@@ -14,7 +14,12 @@ so `stop_units` removes it.
 
 from __future__ import annotations
 
+import shlex
 import time
+from pathlib import Path
+
+import jinja2
+import yaml
 
 from testbench.nodes import Node
 
@@ -23,6 +28,8 @@ SEED_VENV = f"/opt/bench-seed/mlflow-{SEED_MLFLOW_VERSION}"
 REPLAY_VENV = "/opt/mlflow-replay/mlflow-3.17.2"
 RCLONE = "/opt/mlflow-replay/rclone-1.75.2/bin/rclone"
 SERVER_ENVIRONMENT = ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", "MLFLOW_DISABLE_TELEMETRY=true")
+ROLE_VARS = Path(__file__).resolve().parent.parent / "roles/mlflow_replay/vars/main.yml"
+SERVER_APP = yaml.safe_load(ROLE_VARS.read_text())["mlflow_replay_server_app"]
 
 
 def install_seed_mlflow(node: Node) -> None:
@@ -34,8 +41,18 @@ def install_seed_mlflow(node: Node) -> None:
     )
 
 
-def _systemd_run(node: Node, unit: str, command: str, service_type: str = "exec") -> None:
-    environment = " ".join(f"--setenv={item}" for item in SERVER_ENVIRONMENT)
+def replay_server_environment(database: str, artifacts: str) -> dict[str, str]:
+    """Return the replay's server variables (roles/mlflow_replay/vars/main.yml) for one database."""
+    values = yaml.safe_load(ROLE_VARS.read_text())["mlflow_replay_server_environment"]
+    context = {"item": {"database": database, "artifacts_mount": artifacts},
+               "replay_server_allowed_hosts": ["*"], "replay_server_cors_allowed_origins": ["*"]}
+    return {name: jinja2.Template(str(value)).render(context) for name, value in values.items()}
+
+
+def _systemd_run(node: Node, unit: str, command: str, settings: dict[str, str] | None = None,
+                 service_type: str = "exec") -> None:
+    variables = [*SERVER_ENVIRONMENT, *(f"{name}={value}" for name, value in (settings or {}).items())]
+    environment = " ".join(shlex.quote(f"--setenv={item}") for item in variables)
     node.run(f"systemd-run --quiet --unit={unit} --property=Type={service_type} "
              f"--working-directory=/tmp {environment} {command}")
 
@@ -53,17 +70,33 @@ def wait_healthy(node: Node, port: int, timeout: float = 180) -> None:
     raise RuntimeError(f"no server responded on port {port} of node {node.name} within {timeout:.0f} s")
 
 
-def start_sqlite(node: Node, replay: str, port: int, workers: int) -> str:
-    """Serve a copy of the replay's snapshot with its MLflow on 127.0.0.1:PORT. Return the unit."""
+def start_sqlite(node: Node, replay: str, port: int, workers: int, launcher: str = "uvicorn") -> str:
+    """Serve a copy of the replay's snapshot with its MLflow on 127.0.0.1:PORT. Return the unit.
+
+    `launcher` "uvicorn" starts the server as the replay does (uvicorn with
+    the settings of `mlflow_replay_server_environment`); "mlflow server"
+    starts it with the `mlflow server` command, whose parent process stays
+    alive beside uvicorn.
+    """
     unit = f"bench-sqlite-{replay}"
     database = f"/var/tmp/bench-sqlite-{replay}.db"
+    artifacts = f"/srv/mlflow-replay/{replay}/artifacts"
     node.run(f"cp /var/lib/mlflow-replay/{replay}/snapshot.db {database}")
-    _systemd_run(
-        node, unit,
-        f"{REPLAY_VENV}/bin/mlflow server --backend-store-uri sqlite:///{database} --serve-artifacts "
-        f"--artifacts-destination /srv/mlflow-replay/{replay}/artifacts --host 127.0.0.1 --port {port} "
-        f"--workers {workers}",
-    )
+    if launcher == "uvicorn":
+        settings = replay_server_environment(database, artifacts)
+        # A plain copy: the lower bound opens it without immutable=1.
+        for name in ("_MLFLOW_SERVER_FILE_STORE", "_MLFLOW_SERVER_REGISTRY_STORE"):
+            settings[name] = f"sqlite:///{database}"
+        _systemd_run(node, unit, f"{REPLAY_VENV}/bin/python -m uvicorn --host 127.0.0.1 --port {port} "
+                     f"--workers {workers} {SERVER_APP}", settings)
+    elif launcher == "mlflow server":
+        _systemd_run(
+            node, unit,
+            f"{REPLAY_VENV}/bin/mlflow server --backend-store-uri sqlite:///{database} --serve-artifacts "
+            f"--artifacts-destination {artifacts} --host 127.0.0.1 --port {port} --workers {workers}",
+        )
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}: use 'uvicorn' or 'mlflow server'")
     wait_healthy(node, port)
     return unit
 

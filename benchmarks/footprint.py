@@ -1,7 +1,7 @@
 """Resident memory of every process that belongs to one replay on its node.
 
 A replay owns three systemd units (two rclone mounts and the MLflow server,
-whose cgroup contains its parent process and uvicorn workers). nginx, the guard,
+whose cgroup holds uvicorn and, with several workers, its worker processes). nginx, the guard,
 is shared by all replays of a node and is listed on its own line.
 """
 
@@ -48,22 +48,27 @@ def sample_while_browsing(node: Node, replay: str, port: int, requests: list[dic
     return peaks
 
 
-def measure_worker_counts(node: Node, replay: str, requests: list[dict], port: int,
-                          counts: tuple[int, ...] = (1, 2)) -> dict[str, dict]:
-    """Serve a copy of the replay's snapshot with each worker count. Return resident bytes and page time.
+SERVER_VARIANTS = (("uvicorn", 1), ("uvicorn", 2), ("mlflow server", 1))
 
-    Each server loads the page ten times first, so its workers have imported
-    and cached what a browsing user makes them import.
+
+def measure_worker_counts(node: Node, replay: str, requests: list[dict], port: int,
+                          variants: tuple[tuple[str, int], ...] = SERVER_VARIANTS) -> dict[str, dict]:
+    """Serve a copy of the replay's snapshot per (launcher, workers). Return resident bytes and page time.
+
+    The launchers are those of `contestants.start_sqlite`. Each server loads
+    the page ten times first, so its workers have imported and cached what a
+    browsing user makes them import.
     """
     measured = {}
-    for workers in counts:
-        unit = contestants.start_sqlite(node, replay, port, workers)
+    for launcher, workers in variants:
+        unit = contestants.start_sqlite(node, replay, port, workers, launcher)
         try:
             timings = time_requests(node, port, requests, 10, timeout=120)
             processes = node_processes_of_units(node, [unit])
         finally:
             contestants.stop_units(node, [unit])
         page = sum(statistics.median(values) for values in timings.values())
-        measured[str(workers)] = {"rss": sum(item["rss"] for item in processes), "page_seconds": page,
-                                  "processes": processes}
+        measured[f"{launcher}|{workers}"] = {"launcher": launcher, "workers": workers,
+                                             "rss": sum(item["rss"] for item in processes),
+                                             "page_seconds": page, "processes": processes}
     return measured

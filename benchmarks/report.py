@@ -149,10 +149,12 @@ def footprint_table(footprint: dict) -> str:
         lines += [f"| {item['unit']} | {item['rss'] / 2**20:.0f} MiB | `{item['command']}` |" for item in processes]
     by_workers = footprint.get("server_by_workers")
     if by_workers:
-        lines += ["", "The same MLflow server on the SQLite copy, by uvicorn worker count, after ten page loads:", "",
-                  "| workers | resident, all processes | page, warm median |", "|---|---|---|"]
-        lines += [f"| {workers} | {item['rss'] / 2**20:.0f} MiB | {_seconds(item['page_seconds'])} |"
-                  for workers, item in sorted(by_workers.items())]
+        lines += ["", "The same MLflow on the SQLite copy, by launcher and uvicorn worker count, after ten page loads:",
+                  "", "| launcher | workers | processes | resident, all processes | page, warm median |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{item.get('launcher', 'mlflow server')}` | {item.get('workers', key)} | "
+                  f"{len(item.get('processes', []))} | {item['rss'] / 2**20:.0f} MiB | {_seconds(item['page_seconds'])} |"
+                  for key, item in by_workers.items()]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ ONE_NODE = [("single", 25)]
 THREE_NODES = [("trio1", 21), ("trio2", 22), ("trio3", 23)]
 FIRST_PORT = 8000
 # The replay's default worker count, used for the SQLite lower bound too.
-WORKERS = 2
+WORKERS = 1
 
 
 def machine_description() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from plugins.filter.masked_diff import mlflow_replay_masked_diff
+from plugins.filter.packages import mlflow_replay_missing_packages
 from plugins.filter.mlflow_replay import mlflow_replay_installed_names, mlflow_replay_removed, mlflow_replay_report
 from mlflow_replay.vars_file import DEFAULT_LAYOUT
 
@@ -80,3 +81,15 @@ def test_masked_diff_of_new_file():
 
 def test_masked_diff_is_empty_when_nothing_changed():
     assert mlflow_replay_masked_diff(OLD_CONF, OLD_CONF) == ""
+
+
+def test_missing_packages_reads_dpkg_query_output():
+    output = "fuse3:amd64 installed\npython3-venv config-files\nnginx installed\n"
+
+    missing = mlflow_replay_missing_packages(output, ["fuse3", "python3-venv", "python3-packaging", "nginx"])
+
+    assert missing == ["python3-venv", "python3-packaging"]
+
+
+def test_missing_packages_when_dpkg_knows_none():
+    assert mlflow_replay_missing_packages("", ["nginx"]) == ["nginx"]

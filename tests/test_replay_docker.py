@@ -116,7 +116,7 @@ def test_apply_deploys_stack_only(node):
     assert node.run(f"test -e {MLFLOW_VENV}", check=False).returncode != 0
 
 
-def test_env_change_recreates_container_once(replay, node, published_store):
+def test_settings_change_recreates_container_once(replay, node, published_store):
     (before,) = project_containers(node)
     started = node.run("date +%s").stdout.strip()
     settings = replay.settings()
@@ -135,7 +135,7 @@ def test_env_change_recreates_container_once(replay, node, published_store):
     assert len(created) == 1, created
     (after,) = project_containers(node)
     assert after != before
-    assert "MLFLOW_WORKERS=3" in node.run(f"cat {PROJECT_DIR}/mlflow.env").stdout
+    assert "--workers=3" in node.run(f"cat {PROJECT_DIR}/compose.yaml").stdout
     assert rerun.returncode == 0, rerun.output
     assert rerun.recap(node.name)["changed"] == 0
     assert viewer_differences(VIEWER_URL, published_store) == []
