@@ -154,8 +154,14 @@ def footprint_table(footprint: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| `{item.get('launcher', 'mlflow server')}` | {item.get('workers', key)} | "
                   f"{len(item.get('processes', []))} | {item['rss'] / 2**20:.0f} MiB | {_seconds(item['page_seconds'])} |"
-                  for key, item in by_workers.items()]
+                  for key, item in sorted(by_workers.items(), key=_launcher_order)]
     return "\n".join(lines)
+
+
+def _launcher_order(entry: tuple[str, dict]) -> tuple[bool, int]:
+    """Sort the replay's own launcher (uvicorn) first, then by worker count."""
+    item = entry[1]
+    return item.get("launcher", "mlflow server") != "uvicorn", int(item.get("workers", entry[0]))
 
 
 def _section(results: dict, key: str, build, *arguments) -> str:
