@@ -104,7 +104,7 @@ def transfer_table(transfer: dict) -> str:
     return "\n".join(sections)
 
 
-def apply_table(apply: dict) -> str:
+def apply_table(apply: dict, cpus: int) -> str:
     """Return the apply times on one and three nodes, with the three-node ratio."""
     lines = ["| case | 1 node | 3 nodes | 3 / 1 | changed tasks (1 node; 3 nodes) | runs |",
              "|---|---|---|---|---|---|"]
@@ -118,16 +118,32 @@ def apply_table(apply: dict) -> str:
             f"{'/'.join(map(str, changed_one))}; {'/'.join(map(str, changed_three))} | {len(one)} |"
         )
     if apply.get("node_cpu"):
-        lines += ["", "CPU seconds per apply (medians): the controller (runner.py, Ansible, ssh) and the nodes.",
-                  "", "| case | controller, 1 node | nodes, 1 node | controller, 3 nodes | nodes, 3 nodes |",
-                  "|---|---|---|---|---|"]
-        for case in cases:
-            cells = [f"{statistics.median(apply[kind][f'{case}|{count}']):.0f} s"
-                     for count in (1, 3) for kind in ("controller_cpu", "node_cpu")]
-            lines.append(f"| {case} | {' | '.join(cells)} |")
+        lines += ["", _cpu_table(apply, cases, cpus)]
     if apply.get("profile"):
         lines += ["", "Slowest tasks of one idempotent apply on three nodes (`ansible.posix.profile_tasks`):",
                   "", "```", *apply["profile"], "```"]
+    return "\n".join(lines)
+
+
+def _cpu_table(apply: dict, cases: list[str], cpus: int) -> str:
+    """Return the CPU seconds per apply and the lowest three-node ratio that `cpus` shared cores allow.
+
+    The nodes and the controller share the bench's cores, so three nodes cannot
+    finish before their summed CPU time divided by the core count.
+    """
+    lines = ["CPU seconds per apply (medians): the controller (runner.py, Ansible, ssh) and the nodes. "
+             f"The last column divides the three-node CPU seconds by the {cpus} cores that the nodes "
+             "and the controller share, and by the one-node time: no three-node apply on this machine "
+             "can have a lower 3 / 1 ratio.",
+             "", "| case | controller, 1 node | nodes, 1 node | controller, 3 nodes | nodes, 3 nodes "
+             f"| lowest 3 / 1 on {cpus} cores |", "|---|---|---|---|---|---|"]
+    for case in cases:
+        median = {(kind, count): statistics.median(apply[kind][f"{case}|{count}"])
+                  for count in (1, 3) for kind in ("controller_cpu", "node_cpu", "seconds")}
+        cells = [f"{median[(kind, count)]:.0f} s" for count in (1, 3) for kind in ("controller_cpu", "node_cpu")]
+        busy = (median[("controller_cpu", 3)] + median[("node_cpu", 3)]) / cpus
+        floor = max(busy, median[("seconds", 1)]) / median[("seconds", 1)]
+        lines.append(f"| {case} | {' | '.join(cells)} | {floor:.2f}x |")
     return "\n".join(lines)
 
 
@@ -171,6 +187,11 @@ def _section(results: dict, key: str, build, *arguments) -> str:
     return build(results[key], *arguments)
 
 
+def _apply_cpus(results: dict) -> int:
+    """Return the core count of the apply phase's machine; older results only name it in the machine line."""
+    return int(results.get("apply", {}).get("cpus") or results["meta"]["machine"].split()[0])
+
+
 def _errors_note(errors: dict) -> str:
     if not errors:
         return "none"
@@ -196,7 +217,7 @@ def render(results: dict) -> str:
         load=meta["load"],
         latency=_section(results, "latency", latency_table, meta["seed_timeout"]),
         transfer=_section(results, "transfer", transfer_table),
-        apply=_section(results, "apply", apply_table),
+        apply=_section(results, "apply", apply_table, _apply_cpus(results)),
         footprint=_section(results, "footprint", footprint_table),
         seed_timeout=f"{meta['seed_timeout']:.0f}",
         targets=targets_table(results),

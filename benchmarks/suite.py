@@ -139,7 +139,7 @@ def run_suite(quick: bool, command: str, save_partial, phases: tuple[str, ...] =
                 "apply-3", trio, [replay_entry(stores[20], FIRST_PORT)], workers=WORKERS))
             measured = {name: {f"{case}|{count}": values for (case, count), values in getattr(times, name).items()}
                         for name in ("seconds", "changed", "controller_cpu", "node_cpu")}
-            return {**measured, "profile": profile}
+            return {**measured, "profile": profile, "cpus": os.cpu_count()}
 
         phase("apply", apply)
     except Exception as error:  # noqa: BLE001 - keep the phases measured before the failure.
