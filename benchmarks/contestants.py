@@ -74,7 +74,7 @@ def start_sqlite(node: Node, replay: str, port: int, workers: int, launcher: str
     """Serve a copy of the replay's snapshot with its MLflow on 127.0.0.1:PORT. Return the unit.
 
     `launcher` "uvicorn" starts the server as the replay does (uvicorn with
-    the settings of `mlflow_replay_server_environment`); "mlflow server"
+    the settings of `mlflow_replay_server_environment`). "mlflow server"
     starts it with the `mlflow server` command, whose parent process stays
     alive beside uvicorn.
     """

@@ -1,7 +1,7 @@
 """Resident memory of every process that belongs to one replay on its node.
 
 A replay owns three systemd units (two rclone mounts and the MLflow server,
-whose cgroup holds uvicorn and, with several workers, its worker processes). nginx, the guard,
+whose cgroup contains uvicorn and, with several workers, its worker processes). nginx, the guard,
 is shared by all replays of a node and is listed on its own line.
 """
 

@@ -226,7 +226,7 @@ def normalise_replay(settings: dict, layout: dict) -> dict:
     if not isinstance(anonymous, bool):
         raise ConfigError("anonymous", anonymous, "must be true or false", "Write anonymous: true or leave it out.")
     # One worker keeps a whole replay near 400 MB and serves one user's page
-    # as fast as two (docs/benchmarks.md); each more worker adds up to 300 MB.
+    # as fast as two (docs/benchmarks.md). Each more worker adds up to 300 MB.
     workers = settings.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 16:
         raise ConfigError("workers", workers, "must be an integer from 1 to 16", "The default is 1.")

@@ -1,4 +1,4 @@
-"""Filter that tells which distribution packages a node still lacks, from one dpkg-query call."""
+"""Filter that lists the distribution packages a node still lacks, from one dpkg-query call."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ def mlflow_replay_missing_packages(dpkg_output, packages):
     `dpkg_output` is the standard output of
     `dpkg-query --show --showformat='${Package} ${db:Status-Status}\\n' NAME...`:
     one "name status" line per known package. dpkg-query prints nothing for a
-    name it has never seen (and exits 1), and a removed package that left its
-    configuration behind reports "config-files"; both count as missing. An
+    name it has never seen (and exits 1). A removed package that left its
+    configuration behind reports "config-files". Both count as missing. An
     architecture suffix ("fuse3:amd64") is ignored.
     """
     installed = set()
