@@ -25,6 +25,8 @@ RESTART_MOUNTS = "Restart the mounts whose unit or rclone.conf changed"
 REPAIR_MOUNTS = "Restart the mounts that are not serving their container"
 START_SERVERS = "Start the servers and enable them at boot"
 RESTART_SERVERS = "Restart the servers whose unit, snapshot or MLflow changed"
+MLFLOW_PYTHON = "/opt/mlflow-replay/mlflow-3.17.2/bin/python"
+RCLONE = "/opt/mlflow-replay/rclone-1.75.2/bin/rclone"
 
 # name: (shell command that breaks the node, tasks allowed to report a change)
 # systemd restarts a killed rclone by itself (Restart=on-failure), so that
@@ -61,7 +63,20 @@ DRIFTS = {
     ),
     "virtualenv deleted": (
         "rm -rf /opt/mlflow-replay/mlflow-3.17.2",
-        {"Install MLflow 3.17.2", RESTART_SERVERS},
+        {"Install MLflow 3.17.2", "Mark the MLflow virtualenv as complete", RESTART_SERVERS},
+    ),
+    # What a pip run killed part way leaves: the metadata names the pinned
+    # release, a module is missing and the install mark was never written.
+    "MLflow install unfinished": (
+        "rm /opt/mlflow-replay/mlflow-3.17.2/installed-by-mlflow-replay "
+        "/opt/mlflow-replay/mlflow-3.17.2/lib/python3*/site-packages/mlflow/genai/utils/trace_utils.py",
+        {"Remove the virtualenv that an earlier install did not finish", "Install MLflow 3.17.2",
+         "Mark the MLflow virtualenv as complete", RESTART_SERVERS},
+    ),
+    "rclone install unfinished": (
+        "rm /opt/mlflow-replay/rclone-1.75.2/installed-by-mlflow-replay /opt/mlflow-replay/rclone-1.75.2/bin/rclone",
+        {"Remove the mark of a complete rclone install", "Install the pinned rclone wheel",
+         "Mark the rclone install as complete"},
     ),
     "mount directory removed": (
         "fusermount3 -uz /srv/mlflow-replay/demo/metrics; rm -rf /srv/mlflow-replay/demo/metrics",
@@ -99,5 +114,7 @@ def test_apply_repairs_drift(replay, node, published_store, drift):
     assert changed <= allowed, f"unexpected changes: {sorted(changed - allowed)}"
     assert viewer_differences(VIEWER_URL, published_store) == []
     assert node.run("ls /srv/mlflow-replay/demo/metrics/0/meta.yaml", check=False).returncode == 0
+    assert node.run(f"{MLFLOW_PYTHON} -c 'import mlflow.genai.utils.trace_utils'", check=False).returncode == 0
+    assert node.run(f"{RCLONE} version", check=False).returncode == 0
     again = replay.runner("apply")
     assert again.recap(node.name)["changed"] == 0
