@@ -44,11 +44,17 @@ def measure_apply(environment: BenchEnvironment, store: PublishedStore, one_node
     for count, nodes in ((1, one_node), (3, three_nodes)):
         setups[count] = environment.write_replay_files(f"apply-{count}", nodes, [replay_entry(store, 8000)],
                                                        workers=1)
+    # The same inventories with replay_record off: every role runs each time.
+    every_role = {count: (vars_file, _without_record(inventory)) for count, (vars_file, inventory) in setups.items()}
     for count in (1, 3):
         times.add("cold apply", count, environment.runner("apply", *setups[count]))
     for _ in range(repetitions):
         for count in (1, 3):
             times.add("idempotent re-apply", count, environment.runner("apply", *setups[count]))
+    for _ in range(repetitions):
+        for count in (1, 3):
+            times.add("idempotent re-apply, every role (record off)", count,
+                      environment.runner("apply", *every_role[count]))
     # One vars change that reaches the nodes: the worker count rewrites the
     # server unit and restarts the server. It alternates 2, 1, 2, ...
     for repetition in range(max(2, repetitions // 2)):
@@ -57,12 +63,20 @@ def measure_apply(environment: BenchEnvironment, store: PublishedStore, one_node
             files = environment.write_replay_files(f"apply-{count}", nodes, [replay_entry(store, 8000)],
                                                    workers=workers)
             times.add("re-apply after a vars change", count, environment.runner("apply", *files))
-    # Pipelining is on in ansible.cfg, and these runs measure what it saves.
+    # Pipelining is on in ansible.cfg, and these runs measure what it saves
+    # when every role runs.
     for _ in range(2):
         for count in (1, 3):
-            times.add("idempotent re-apply, pipelining off", count,
-                      environment.runner("apply", *setups[count], extra_env={"ANSIBLE_PIPELINING": "False"}))
+            times.add("idempotent re-apply, every role, pipelining off", count,
+                      environment.runner("apply", *every_role[count], extra_env={"ANSIBLE_PIPELINING": "False"}))
     return times
+
+
+def _without_record(inventory: Path) -> Path:
+    """Write a copy of `inventory` that turns replay_record off for its nodes, and return its path."""
+    copy = inventory.with_name(inventory.stem + "-every-role.ini")
+    copy.write_text(inventory.read_text() + "\n[replay_nodes:vars]\nreplay_record_enabled=false\n")
+    return copy
 
 
 def profile_idempotent_apply(environment: BenchEnvironment, vars_file: Path, inventory: Path,

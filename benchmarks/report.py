@@ -120,7 +120,7 @@ def apply_table(apply: dict, cpus: int) -> str:
     if apply.get("node_cpu"):
         lines += ["", _cpu_table(apply, cases, cpus)]
     if apply.get("profile"):
-        lines += ["", "Slowest tasks of one idempotent apply on three nodes (`ansible.posix.profile_tasks`):",
+        lines += ["", "Slowest tasks of one idempotent apply on three nodes with every role running (plain `ansible-playbook` with `ansible.posix.profile_tasks`, so no record):",
                   "", "```", *apply["profile"], "```"]
     return "\n".join(lines)
 

@@ -17,6 +17,8 @@ from typing import Callable
 import ansible_runner
 import yaml
 
+from mlflow_replay import inputs
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # After the first SIGINT, ansible-playbook gets this long to stop on its own
 # before its whole process group is killed.
@@ -228,13 +230,16 @@ class PlaybookRun:
             return True
 
         try:
+            inventories = self.inventories(private_dir)
+            sources = inventories + ([str(self.secrets_file)] if self.secrets_file is not None else [])
             runner = ansible_runner.run(
                 private_data_dir=str(private_dir),
                 project_dir=str(PROJECT_ROOT),
                 playbook=str(self.playbook),
-                inventory=self.inventories(private_dir),
+                inventory=inventories,
                 cmdline=self.command_line(),
                 envvars={
+                    inputs.ENVIRONMENT_NAME: inputs.inputs_digest(PROJECT_ROOT, sources, json.dumps(self.extra_vars, sort_keys=True)),
                     "ANSIBLE_CONFIG": str(PROJECT_ROOT / "ansible.cfg"),
                     "ANSIBLE_NOCOLOR": "1",
                     "PATH": search_path(write_child_guard(private_dir / "bin")),

@@ -75,6 +75,10 @@ def test_second_apply_changes_nothing(replay, node):
 
     assert result.returncode == 0, result.output
     assert result.recap(node.name)["changed"] == 0
+    # The node is as the first apply left it: the record lets apply stop early.
+    assert "TASK Stop here for this node, which is as the last complete apply left it" in result.output
+    assert "TASK Write the mount units" not in result.output
+    assert f"open http://{NODE[1]}:8000/" in result.output
 
 
 # Rolling out a vars change: only the units that depend on the changed value
