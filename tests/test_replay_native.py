@@ -75,10 +75,23 @@ def test_second_apply_changes_nothing(replay, node):
 
     assert result.returncode == 0, result.output
     assert result.recap(node.name)["changed"] == 0
-    # The node is as the first apply left it: the record lets apply stop early.
-    assert "TASK Stop here for this node, which is as the last complete apply left it" in result.output
+    # The node is as the first apply left it: the record lets apply stop
+    # early, so no task of the later roles starts.
     assert "TASK Write the mount units" not in result.output
     assert f"open http://{NODE[1]}:8000/" in result.output
+
+
+def test_record_off_runs_every_role(replay, node):
+    inventory = replay.inventory.read_text()
+    replay.inventory.write_text(inventory + "\n[replay_nodes:vars]\nreplay_record_enabled=false\n")
+    try:
+        result = replay.runner("apply")
+    finally:
+        replay.inventory.write_text(inventory)
+
+    assert result.returncode == 0, result.output
+    assert result.recap(node.name)["changed"] == 0
+    assert f"TASK Write the mount units\n  {node.name}: ok" in result.output
 
 
 # Rolling out a vars change: only the units that depend on the changed value
