@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from testbench.store import publish_sample_store
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(os.environ.get("MLFLOW_REPLAY_DEMO_DIR", "/var/lib/mlflow-replay-demo"))
 STATE_FILE = STATE_DIR / "demo.json"
+# Work directory where the sample store is logged before it is published.
+STORE_DIR = STATE_DIR / "store"
 # A network of its own, so the demo and the test bench can run side by side.
 BRIDGE = "mlrdemo0"
 SUBNET = "10.213.100.0/24"
@@ -71,7 +74,10 @@ def start(state: dict) -> int:
     save(state)
 
     print(f"demo: publishing the sample store to {s3.endpoint}")
-    manifest = publish_sample_store(s3, METRICS_BUCKET, ARTIFACTS_BUCKET, STATE_DIR / "store")
+    # The S3 server starts empty, and publish_sample_store rejects a work
+    # directory that an earlier run filled.
+    shutil.rmtree(STORE_DIR, ignore_errors=True)
+    manifest = publish_sample_store(s3, METRICS_BUCKET, ARTIFACTS_BUCKET, STORE_DIR)
     vars_file = STATE_DIR / "replay.yml"
     vars_file.write_text(yaml.safe_dump({
         "name": "demo",
@@ -105,6 +111,7 @@ def stop(state: dict) -> int:
             pass
     if state.get("mode") == "node":
         Bench(state_dir=STATE_DIR / "bench", bridge=BRIDGE, subnet=SUBNET).shutdown()
+    shutil.rmtree(STORE_DIR, ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     print("demo: stopped")
     return code
