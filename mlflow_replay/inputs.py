@@ -2,7 +2,7 @@
 
 The replay_record role stores it on each node after a complete apply. A later
 apply with the same digest may stop early on a node that is still as
-recorded; any change to the inputs below makes every role run again.
+recorded. Any change to the inputs below makes every role run again.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def inputs_digest(project_root: Path, sources: list[Path], extra: str) -> str:
     """Return a SHA-256 over the code, the files in `sources`, the credentials in the environment and `extra`.
 
     `sources` are the inventories, the vars file and the secrets file, as
-    files or directories; the group_vars and host_vars beside each count too. `extra` holds the extra vars that
-    runner.py passes on the command line. The credentials enter the digest only: it is safe to
+    files or directories; the group_vars and host_vars beside each count too. `extra` is the JSON of the extra vars
+    that runner.py passes on the command line. The credentials enter the digest only: it is safe to
     store, and it differs whenever a key does.
     """
     digest = hashlib.sha256()

@@ -163,7 +163,7 @@ def test_record_units_per_runtime():
     assert "docker.service" not in mlflow_replay_record_units(replays[:1], "p")
 
 
-def test_check_only_command_names_the_replay_paths():
+def test_check_only_command_paths():
     replay = {"rclone_config": "/etc/r/demo/rclone.conf", "metrics": {"remote_path": "bucket"},
               "mirror_dir": "/var/lib/r/demo/mirror", "database": "/var/lib/r/demo/snapshot.db",
               "fingerprint_file": "/var/lib/r/demo/fingerprint"}
@@ -175,7 +175,7 @@ def test_check_only_command_names_the_replay_paths():
     assert "--rclone-config=/etc/r/demo/rclone.conf" in command
 
 
-def test_health_urls_of_server_and_guard():
+def test_health_urls_server_and_guard():
     replay = {"server_port": 18000, "port": 8000}
 
     assert mlflow_replay_health_urls(replay, True) == [

@@ -18,10 +18,10 @@ def mlflow_replay_record_units(replays, unit_prefix):
 
 
 def mlflow_replay_check_only_command(replay, script, rclone):
-    """Return the argument list that asks the import script whether `replay`'s store changed since its import.
+    """Return the argument list that checks whether `replay`'s store changed since its import.
 
     --check-only lists the store and compares it with the fingerprint of the
-    last import; it needs no MLflow, so the node's own python3 runs it for
+    last import. It needs no MLflow, so the node's own python3 runs it for
     both runtimes.
     """
     return [

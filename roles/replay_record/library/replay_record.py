@@ -1,11 +1,11 @@
 #!/usr/bin/python
-"""Record what a complete apply left on a node, and check later that it still holds."""
+"""Record what a complete apply left on a node, and later check that the node still matches."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: replay_record
-short_description: Record the state that a complete apply left on a node, or check that it still holds
+short_description: Record the state that a complete apply left on a node, or check the node against it
 description:
   - C(state=recorded) fingerprints every file that matches C(files), runs each of
     C(commands) and stores their output, with C(digest), C(urls) and C(report),
@@ -39,8 +39,9 @@ import urllib.request
 
 from ansible.module_utils.basic import AnsibleModule
 
-# Files up to this size are fingerprinted by content; larger ones (binaries,
-# snapshots) by size, inode and modification time, which every rewrite changes.
+# Files up to this size are fingerprinted by content. Larger ones (binaries,
+# snapshots) are fingerprinted by size, inode and modification time, which
+# every rewrite changes.
 CONTENT_LIMIT = 1024 * 1024
 COMMAND_TIMEOUT = 120
 URL_TIMEOUT = 10
@@ -49,19 +50,19 @@ URL_TIMEOUT = 10
 def fingerprint(path):
     """Return a string that changes when the file, link or directory at `path` changes."""
     info = os.lstat(path)
-    owner = f"{stat.S_IMODE(info.st_mode):o} {info.st_uid}:{info.st_gid}"
+    access = f"{stat.S_IMODE(info.st_mode):o} {info.st_uid}:{info.st_gid}"
     if stat.S_ISLNK(info.st_mode):
         return f"link {os.readlink(path)}"
     if stat.S_ISDIR(info.st_mode):
-        return f"dir {owner}"
+        return f"dir {access}"
     if info.st_size > CONTENT_LIMIT:
-        return f"file {owner} {info.st_size} {info.st_ino} {info.st_mtime_ns}"
+        return f"file {access} {info.st_size} {info.st_ino} {info.st_mtime_ns}"
     with open(path, "rb") as handle:
-        return f"file {owner} {hashlib.sha256(handle.read()).hexdigest()}"
+        return f"file {access} {hashlib.sha256(handle.read()).hexdigest()}"
 
 
 def fingerprint_files(patterns):
-    """Fingerprint every path that matches one of `patterns`; a path that vanished meanwhile counts as missing."""
+    """Return a fingerprint of every path that matches one of `patterns`, with "missing" for a path that vanished meanwhile."""
     found = {}
     for pattern in patterns:
         for path in glob.glob(pattern, recursive=True):
